@@ -1,0 +1,264 @@
+"""Dense MLPs (SwiGLU for Llama-style blocks, GELU for GPT-2) and the mixture of experts (MoE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.model import residual_std
+
+
+def hidden_size(d_model: int, mult: float, multiple_of: int) -> int:
+    """Llama rounds the 8/3 d hidden size up to a multiple, for efficient matmuls."""
+    raw = int(mult * d_model)
+    return multiple_of * ((raw + multiple_of - 1) // multiple_of)
+
+
+class DenseMLP(Sublayer):
+    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj), without biases."""
+
+    def __init__(self, arch: Any, layer_idx: int, kind: str | None = None,
+                 hidden_mult: float | None = None) -> None:
+        super().__init__()
+        d = arch.d_model
+        self.kind = kind or arch.mlp.kind
+        hidden = hidden_size(d, hidden_mult or arch.mlp.hidden_mult, arch.mlp.multiple_of)
+        self.gate_proj = nn.Linear(d, hidden, bias=False) if self.kind == "swiglu" else None
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        for proj in (self.gate_proj, self.up_proj):
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=arch.init_std)
+        nn.init.normal_(self.down_proj.weight, std=residual_std(arch))
+
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+# ---- mixture of experts ------------------------------------------------------------------------
+#
+# Token-choice top-k routing over a softmax, computed without dropping tokens: the (token, expert)
+# assignments are sorted by expert so that each expert multiplies one contiguous block of rows.
+# Two code paths share the same parameters: `grouped_mm` (one grouped GEMM per projection, when the
+# installed torch has one that runs on the device) and `expert-loop` (the pure-PyTorch reference,
+# one matmul per expert over its block). `kernel_path` names the one that runs.
+
+MOE_KERNEL_CHOICES = ("auto", "torch", "grouped_mm")
+
+
+def _grouped_mm_fn() -> Any | None:
+    """torch >= 2.8 exposes the MoE grouped GEMM as F.grouped_mm (earlier as torch._grouped_mm)."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def route_top_k(
+    logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax in at least fp32 (bf16 would round nearby probabilities together), then top-k.
+
+    Returns (probs (N, E), weights (N, k), experts (N, k)); with `renormalize` the k weights of a
+    token sum to 1 (Mixtral), otherwise they are the raw softmax probabilities (Switch, Jamba).
+    """
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, experts
+
+
+def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss: E * sum_e f_e * P_e.
+
+    f_e is the fraction of the N * k top-k assignments that go to expert e (not differentiable),
+    P_e the mean router probability of e (differentiable). Balanced routing with uniform
+    probabilities gives exactly 1, whatever E and k; collapse onto one expert approaches E.
+    """
+    fractions = expert_fractions(experts, n_experts, probs.dtype)
+    return n_experts * (fractions * probs.mean(dim=0)).sum()
+
+
+def expert_fractions(
+    experts: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fraction of top-k assignments per expert (sums to 1), the signal of routing collapse."""
+    counts = torch.bincount(experts.reshape(-1), minlength=n_experts)
+    return counts.to(dtype) / experts.numel()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss, mean of logsumexp(logits)^2: keeps router logits small so the fp32/bf16
+    softmax stays well conditioned."""
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return lse.pow(2).mean()
+
+
+class MoE(Sublayer):
+    """Mixture of SwiGLU (or GELU) experts with a softmax top-k router, dropless.
+
+    Expert weights are stacked as (E, out, in) so that expert e's slices are exactly the
+    `weight` of DenseMLP's gate_proj / up_proj / down_proj; `router` is a bias-free d -> E Linear.
+    The router stays weight-decayed like every other matrix: its logits are already held small by
+    the z-loss, and decaying it as well only pulls the routing towards uniform, which is what the
+    load-balancing loss asks for anyway; no published recipe we follow exempts it.
+    """
+
+    def __init__(self, arch: Any, layer_idx: int) -> None:
+        super().__init__()
+        cfg = arch.moe
+        d = arch.d_model
+        self.d_model = d
+        self.n_experts, self.top_k = int(cfg.n_experts), int(cfg.top_k)
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(
+                f"arch.moe.top_k={self.top_k} must be in [1, arch.moe.n_experts={self.n_experts}]"
+            )
+        self.renormalize = bool(cfg.renormalize)
+        self.aux_loss_coef, self.z_loss_coef = float(cfg.aux_loss_coef), float(cfg.z_loss_coef)
+        self.expert_kind = cfg.expert_kind
+        self.kernels = cfg.kernels
+        self.hidden = hidden_size(d, cfg.hidden_mult, arch.mlp.multiple_of)
+        n, h = self.n_experts, self.hidden
+        self.router = nn.Linear(d, n, bias=False)
+        if self.expert_kind == "swiglu":
+            self.w_gate: nn.Parameter | None = nn.Parameter(torch.empty(n, h, d))
+        else:
+            self.register_parameter("w_gate", None)
+        self.w_up = nn.Parameter(torch.empty(n, h, d))
+        self.w_down = nn.Parameter(torch.empty(n, d, h))
+        nn.init.normal_(self.router.weight, std=arch.init_std)
+        for w in (self.w_gate, self.w_up):
+            if w is not None:
+                nn.init.normal_(w, std=arch.init_std)
+        nn.init.normal_(self.w_down, std=residual_std(arch))
+        # Until resolve_kernels(device) probes the device, assume the CPU-capable choice.
+        self.kernel_path = self._choose(self._grouped_mm_reason(torch.device("cpu"), probe=False))
+
+    # ---- kernel choice ---------------------------------------------------------------------------
+    def _grouped_mm_reason(self, device: torch.device, probe: bool = True) -> str | None:
+        """None when grouped_mm can run here, else why not (shown when it was asked for)."""
+        fn = _grouped_mm_fn()
+        if fn is None:
+            return f"torch {torch.__version__} has no grouped_mm"
+        if self.d_model % 8 or self.hidden % 8:
+            # Grouped GEMM kernels need 16-byte aligned row strides, in fp32 and in bf16.
+            return (f"grouped_mm needs d_model ({self.d_model}) and the expert hidden size "
+                    f"({self.hidden}) to be multiples of 8")
+        if not probe:
+            return None
+        dtype = self.w_up.dtype
+        try:  # a tiny forward and backward through the real shapes, on the real device
+            a = torch.zeros(3, self.d_model, device=device, dtype=dtype, requires_grad=True)
+            b = torch.zeros(2, self.hidden, self.d_model, device=device, dtype=dtype,
+                            requires_grad=True)
+            offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
+            out = fn(a, b.transpose(-2, -1), offs=offs)
+            out.backward(torch.ones_like(out))
+        except (RuntimeError, NotImplementedError) as err:
+            return f"grouped_mm does not run on {device.type} in {dtype}: {err}"
+        return None
+
+    def _choose(self, grouped_reason: str | None) -> str:
+        choice = {"auto": "auto", "torch": "expert-loop", "grouped_mm": "grouped_mm"}[self.kernels]
+        return require_kernels(
+            choice, {"grouped_mm": grouped_reason, "expert-loop": None}, "arch.moe.kernels"
+        )
+
+    def resolve_kernels(self, device: torch.device) -> str:
+        return self._choose(self._grouped_mm_reason(device))
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def expert_params(self) -> int:
+        return sum(w.numel() for w in (self.w_gate, self.w_up, self.w_down) if w is not None)
+
+    def inactive_params(self) -> int:
+        """Each token uses top_k of n_experts experts: the other (1 - k/E) of them are idle."""
+        per_expert = self.expert_params() // self.n_experts
+        return (self.n_experts - self.top_k) * per_expert
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        flat = x.reshape(-1, self.d_model)
+        logits = self.router(flat)
+        probs, weights, experts = route_top_k(logits, self.top_k, self.renormalize)
+        if ctx is not None:
+            self._report(ctx, logits, probs, experts)
+        out = self.combine(flat, weights, experts)
+        return out.view(x.shape)
+
+    def _report(
+        self, ctx: dict[str, Any], logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor
+    ) -> None:
+        """Add this layer's weighted aux losses (summed over layers) and its routing fractions."""
+        aux = ctx.setdefault("aux_losses", {})
+        balance = self.aux_loss_coef * load_balance_loss(probs, experts, self.n_experts)
+        z_loss = self.z_loss_coef * router_z_loss(logits)
+        aux["moe_load_balance"] = aux.get("moe_load_balance", 0.0) + balance
+        aux["moe_z_loss"] = aux.get("moe_z_loss", 0.0) + z_loss
+        ctx.setdefault("expert_fractions", []).append(
+            expert_fractions(experts, self.n_experts).detach()
+        )
+
+    def combine(
+        self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_j weights[t, j] * expert_{experts[t, j]}(flat[t]) for every token t, dropless."""
+        flat_experts = experts.reshape(-1)
+        order = flat_experts.argsort(stable=True)  # assignments grouped by expert
+        token_idx = order // self.top_k
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        rows = flat[token_idx]
+        if self.kernel_path == "grouped_mm":
+            ys = self._grouped(rows, counts)
+        else:
+            ys = self._loop(rows, counts)
+        ys = ys * weights.reshape(-1)[order].to(ys.dtype)[:, None]
+        out = torch.zeros(flat.shape[0], self.d_model, device=flat.device, dtype=ys.dtype)
+        return out.index_add_(0, token_idx, ys).to(flat.dtype)
+
+    def _activate(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        if gate is not None:
+            return F.silu(gate) * up
+        return F.gelu(up, approximate="tanh")
+
+    def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference path: one matmul per expert over its contiguous block of rows."""
+        outs = []
+        for e, block in enumerate(rows.split(counts.tolist())):
+            if block.shape[0] == 0:
+                continue
+            gate = block @ self.w_gate[e].t() if self.w_gate is not None else None
+            outs.append(self._activate(gate, block @ self.w_up[e].t()) @ self.w_down[e].t())
+        if not outs:
+            return rows.new_zeros(0, self.d_model)
+        return torch.cat(outs)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One grouped GEMM per projection; offs are the cumulative block ends."""
+        fn = _grouped_mm_fn()
+        device_type = rows.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else rows.dtype)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RuntimeError(
+                f"arch.moe.kernels: the grouped_mm path cannot run in {dtype}; use "
+                "arch.moe.kernels=torch (the expert loop), or resolve_kernels after a dtype change"
+            )
+        offs = counts.cumsum(0).to(torch.int32)
+        with torch.autocast(device_type, enabled=False):
+            a = rows.to(dtype)
+
+            def mm(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return fn(inp, w.to(dtype).transpose(-2, -1), offs=offs)
+
+            gate = mm(a, self.w_gate) if self.w_gate is not None else None
+            return mm(self._activate(gate, mm(a, self.w_up)), self.w_down)

@@ -1,0 +1,282 @@
+"""The model shell shared by every backbone: embedding -> pre-norm residual blocks -> norm -> head.
+
+A backbone is nothing but a layer pattern (which mixer and which MLP at each depth) plus the
+settings of those sublayers; the shell itself never branches on the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from archbench.archs.base import LayerState, Sublayer
+from archbench.config import MIXER_KINDS, MLP_SLOTS, ArchConfig, expand_period, validate_arch
+
+
+def arch_config(arch: Any) -> DictConfig:
+    """Any arch description (dataclass, dict, DictConfig) as a typed, checked DictConfig."""
+    schema = OmegaConf.structured(ArchConfig)
+    cfg = OmegaConf.merge(schema, arch if not isinstance(arch, ArchConfig) else OmegaConf.structured(arch))
+    validate_arch(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def layer_plan(arch: Any, n_layers: int | None = None) -> list[tuple[str, str]]:
+    """The resolved (mixer, mlp slot) of every layer, from the periodic pattern."""
+    n = n_layers if n_layers is not None else arch.n_layers
+    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS)
+    mlps = expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", MLP_SLOTS)
+    return [(mixers[i % len(mixers)], mlps[i % len(mlps)]) for i in range(n)]
+
+
+def make_norm(arch: Any, dim: int) -> nn.Module:
+    if arch.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=arch.norm_eps)
+    return nn.LayerNorm(dim, eps=arch.norm_eps)
+
+
+def build_mixer(kind: str, arch: Any, layer_idx: int) -> Sublayer:
+    """Import lazily so a backbone's optional dependencies load only when it is used."""
+    if kind == "attention":
+        from archbench.archs.attention import Attention
+
+        return Attention(arch, layer_idx)
+    if kind == "mamba":
+        from archbench.archs.mamba import Mamba
+
+        return Mamba(arch, layer_idx)
+    if kind == "mamba2":
+        from archbench.archs.mamba import Mamba2
+
+        return Mamba2(arch, layer_idx)
+    if kind == "rwkv7":
+        from archbench.archs.rwkv import RWKV7TimeMix
+
+        return RWKV7TimeMix(arch, layer_idx)
+    raise ValueError(f"arch.pattern.mixers: unknown mixer {kind!r}; choose one of {MIXER_KINDS}")
+
+
+def build_mlp(slot: str, arch: Any, layer_idx: int) -> Sublayer | None:
+    if slot == "none":
+        return None
+    from archbench.archs import mlp
+
+    if slot == "moe":
+        return mlp.MoE(arch, layer_idx)
+    if arch.mlp.kind == "rwkv_cmix":
+        from archbench.archs.rwkv import RWKV7ChannelMix
+
+        return RWKV7ChannelMix(arch, layer_idx)
+    return mlp.DenseMLP(arch, layer_idx)
+
+
+class Block(nn.Module):
+    """norm -> mixer -> add; norm -> MLP -> add (the MLP half is absent for mixer-only layers)."""
+
+    def __init__(self, arch: Any, layer_idx: int, mixer_kind: str, mlp_slot: str) -> None:
+        super().__init__()
+        self.mixer_kind, self.mlp_slot = mixer_kind, mlp_slot
+        self.mixer_norm = make_norm(arch, arch.d_model)
+        self.mixer = build_mixer(mixer_kind, arch, layer_idx)
+        self.mlp = build_mlp(mlp_slot, arch, layer_idx)
+        self.mlp_norm = make_norm(arch, arch.d_model) if self.mlp is not None else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: tuple[LayerState | None, LayerState | None] | None,
+        ctx: dict[str, Any],
+    ) -> torch.Tensor:
+        mixer_state, mlp_state = states if states is not None else (None, None)
+        x = x + self.mixer(self.mixer_norm(x), mixer_state, ctx)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x), mlp_state, ctx)
+        return x
+
+
+@dataclass
+class ModelCache:
+    """Per-layer decoding states (KV buffers and recurrent states side by side) and the position."""
+
+    states: list[tuple[LayerState | None, LayerState | None]]
+    max_len: int
+    pos: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for pair in self.states for s in pair if s is not None)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, arch: Any, vocab_size: int) -> None:
+        super().__init__()
+        arch = arch_config(arch)
+        if arch.d_model <= 0 or arch.n_layers <= 0:
+            raise ValueError("arch.d_model and arch.n_layers must be set (solve a size first)")
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.plan = layer_plan(arch)
+        d = arch.d_model
+        self.embed = nn.Embedding(vocab_size, d)
+        has_attention = any(m == "attention" for m, _ in self.plan)
+        self.learned_positions = has_attention and arch.attention.position == "learned"
+        self.pos_embed = (
+            nn.Embedding(arch.attention.max_position, d) if self.learned_positions else None
+        )
+        self.embed_norm = make_norm(arch, d) if arch.embed_norm else None
+        self.blocks = nn.ModuleList(
+            Block(arch, i, mixer, mlp_slot) for i, (mixer, mlp_slot) in enumerate(self.plan)
+        )
+        self.final_norm = make_norm(arch, d)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self._init_shell()
+
+    def _init_shell(self) -> None:
+        std = self.arch.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=std)
+        if self.arch.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: ModelCache | None = None,
+        ctx: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V). With a cache, continue from it (prefill a chunk or step one token)."""
+        ctx = {} if ctx is None else ctx
+        start = cache.pos if cache is not None else 0
+        length = tokens.shape[1]
+        if cache is not None and start + length > cache.max_len:
+            raise ValueError(
+                f"cache holds {cache.max_len} tokens; cannot add {length} after position {start}"
+            )
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            limit = self.pos_embed.num_embeddings
+            if start + length > limit:
+                raise ValueError(
+                    f"context {start + length} exceeds arch.attention.max_position={limit} of "
+                    "learned positions; use position=rope or a longer max_position"
+                )
+            x = x + self.pos_embed(torch.arange(start, start + length, device=tokens.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for i, block in enumerate(self.blocks):
+            states = cache.states[i] if cache is not None else None
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, states, ctx, use_reentrant=False)
+            else:
+                x = block(x, states, ctx)
+        if cache is not None:
+            cache.pos = start + length
+        return self.lm_head(self.final_norm(x))
+
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ModelCache:
+        param = self.embed.weight
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        states = []
+        for block in self.blocks:
+            mlp_state = block.mlp.init_state(batch, max_len, device, dtype) if block.mlp else None
+            states.append((block.mixer.init_state(batch, max_len, device, dtype), mlp_state))
+        return ModelCache(states=states, max_len=max_len)
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def sublayers(self) -> list[Sublayer]:
+        out: list[Sublayer] = []
+        for block in self.blocks:
+            out.append(block.mixer)
+            if block.mlp is not None:
+                out.append(block.mlp)
+        return out
+
+    def kernel_paths(self) -> dict[str, str]:
+        """Which code path each kind of sublayer runs, e.g. {'mamba': 'cuda:mamba_ssm'}."""
+        paths: dict[str, set[str]] = {}
+        for block in self.blocks:
+            paths.setdefault(block.mixer_kind, set()).add(block.mixer.kernel_path)
+            if block.mlp is not None:
+                paths.setdefault(f"mlp:{block.mlp_slot}", set()).add(block.mlp.kernel_path)
+        return {k: ",".join(sorted(v)) for k, v in paths.items()}
+
+    def param_counts(self) -> dict[str, int]:
+        """total, embedding (token + position + untied head), non_embedding, and active ones.
+
+        Active parameters count each MoE layer's experts at top_k / n_experts, as FLOPs do.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel()
+        if self.pos_embed is not None:
+            embedding += self.pos_embed.weight.numel()
+        if not self.arch.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        inactive = sum(getattr(s, "inactive_params", lambda: 0)() for s in self.sublayers())
+        non_embedding = total - embedding
+        return {
+            "total": total,
+            "embedding": embedding,
+            "non_embedding": non_embedding,
+            "active": total - inactive,
+            "active_non_embedding": non_embedding - inactive,
+        }
+
+    def flops_per_token(self, context: int) -> dict[str, float]:
+        """Analytic FLOPs per token at `context`: 2 per active weight (including the LM head),
+        plus each mixer's context-dependent term; training is forward + backward = 3x forward."""
+        counts = self.param_counts()
+        head = self.arch.d_model * self.vocab_size
+        forward = 2.0 * (counts["active_non_embedding"] + head)
+        forward += sum(s.flops_per_token(context) for s in self.sublayers())
+        return {"forward": forward, "train": 3.0 * forward}
+
+    def weight_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return self.param_counts()["total"] * torch.empty((), dtype=dtype).element_size()
+
+    def cache_bytes(self, batch: int, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        return sum(s.state_bytes(batch, context, dtype) for s in self.sublayers())
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters AdamW leaves undecayed: norms, biases, embeddings, and what mixers flag."""
+        names: set[str] = set()
+        for name, param in self.named_parameters():
+            if param.ndim < 2 or name.startswith(("embed.", "pos_embed.", "lm_head.")):
+                names.add(name)
+        for mod_name, module in self.named_modules():
+            if isinstance(module, Sublayer):
+                names.update(f"{mod_name}.{n}" for n in module.no_weight_decay())
+        return names
+
+
+def residual_std(arch: Any) -> float:
+    """Std of output projections: GPT-2's scaled init divides by sqrt(2 * n_layers)."""
+    if arch.scaled_residual_init:
+        return arch.init_std / math.sqrt(2 * arch.n_layers)
+    return arch.init_std
+
+
+def resolve_kernels(model: nn.Module, device: torch.device | str) -> dict[str, str]:
+    """Fix every sublayer's kernel path for `device` before any work; errors surface here."""
+    device = torch.device(device)
+    for module in model.modules():
+        if isinstance(module, Sublayer):
+            module.kernel_path = module.resolve_kernels(device)
+    return model.kernel_paths() if isinstance(model, LanguageModel) else {}

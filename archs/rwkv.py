@@ -1,0 +1,297 @@
+"""RWKV-7 "Goose" (Peng et al., 2025): the time-mix mixer and the channel-mix MLP.
+
+Time mix, per token (x the normed input, x_prev the previous token's, all products elementwise):
+
+    xx = x_prev - x;  x_* = x + xx * mu_*            for * in r, w, k, v, a, g (token shift)
+    r = W_r x_r,  k = W_k x_k,  v = W_v x_v
+    log w = -exp(-1/2) * sigmoid(w0 + tanh(x_w w1) w2)   so each step decays by (e^-0.6065, 1)
+    a = sigmoid(a0 + x_a a1 a2)                          in-context learning rate
+    v = v + (v_first - v) * sigmoid(v0 + x_v v1 v2)      value residual (not in the first layer)
+    g = sigmoid(x_g g1) g2                               output gate
+    kk = L2-normalise per head (k * k_k);  k = k * (1 + (a - 1) * k_a)
+    S_t = S_{t-1} (diag(w_t) - kk_t^T (a_t * kk_t)) + v_t^T k_t    per head, S is [value, key]
+    y = GroupNorm_heads(S_t r_t^T) + ((r * k * r_k).sum per head) * v      (ln_x, eps 64e-5)
+    out = W_o (y * g)
+
+The WKV recurrence runs in archs/kernels/rwkv7.py (recurrent, chunked, or fla's Triton kernel).
+The first RWKV-7 layer of the model (layer 0 in a pure RWKV stack) stores its v in ctx["v_first"]
+and has no value-residual LoRA; later layers read it. During decoding ctx lives for one forward
+call, in which that first layer has already stored v_first of the current token, so no state is
+kept for it.
+
+Channel mix: k = x + (x_prev - x) * mu_k;  out = W_v relu(W_k k)^2 with a 4x hidden layer.
+
+Initialisation follows RWKV-LM's x070 training code (r0 = i / (L - 1), r1 = 1 - i / L for layer i
+of L, and q_j = j / C over the channels): mu_r = mu_g = 1 - q^(0.2 r1),
+mu_w = mu_a = 1 - q^(0.9 r1), mu_k = 1 - (q^(0.9 r1) + 0.4 r0), mu_v = 1 - (q^(0.4 r1) + 0.6 r0);
+w0_j = -6.5 + 5 (j / (C - 1))^(0.85 + r0^0.5) (per-step decay about 0.90 to 0.999); a0 = 0,
+v0 = 1, k_k = 0.85, k_a = 1, r_k = 0; the first LoRA factors
+(w1, a1, v1, g1) zero and the second orthogonal with gain 0.1; W_r, W_v ~ U(+-0.5 / sqrt(C)),
+W_k ~ U(+-0.05 / sqrt(C)), W_o = 0; channel mix mu_k = 1 - q^(r1^4), W_k ~ U(+-0.5 / sqrt(C)),
+W_v = 0. LoRA ranks default to RWKV-LM's suggestions: decay and learning rate
+max(32, round(1.8 sqrt(C) / 32) * 32), value max(32, round(1.3 sqrt(C) / 32) * 32), gate
+max(32, round(0.6 C^0.8 / 32) * 32). `arch.init_std` is not used by these layers.
+Parameter names are RWKV-LM's (receptance, key, value, output, ln_x, x_r, w0, w1, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
+from archbench.archs.mlp import hidden_size
+from archbench.archs.model import layer_plan
+from torch import nn
+
+GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with head_size_divisor = 8
+_CHOICES = {"auto": "auto", "torch": "torch:chunked", "triton": "triton:fla", "cuda": "cuda"}
+NO_CUDA_KERNEL = (
+    "archbench has no CUDA-C RWKV-7 kernel; use kernels=triton (flash-linear-attention) or "
+    "kernels=torch"
+)
+
+
+def lora_rank(d_model: int, factor: float, power: float = 0.5) -> int:
+    """RWKV-LM's suggested LoRA width: factor * C^power, rounded to a multiple of 32, >= 32."""
+    return max(32, int(round(factor * d_model**power / 32) * 32))
+
+
+def _layer_ratios(layer_idx: int, n_layers: int) -> tuple[float, float]:
+    """(0 -> 1, 1 -> almost 0) over depth; a single layer counts as the first."""
+    ratio_0_to_1 = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0
+    return ratio_0_to_1, 1.0 - layer_idx / n_layers
+
+
+def _channel_ramp(d_model: int) -> torch.Tensor:
+    return (torch.arange(d_model, dtype=torch.float32) / d_model).view(1, 1, d_model)
+
+
+def _orthogonal(rows: int, cols: int, scale: float) -> torch.Tensor:
+    """RWKV-LM's ortho_init: gain sqrt(rows / cols) for tall matrices, times `scale`."""
+    out = torch.empty(rows, cols)
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    nn.init.orthogonal_(out, gain=gain * scale)
+    return out
+
+
+def _token_shift(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """x_prev: the input one step earlier (zeros before the first token of a fresh sequence)."""
+    first = x.new_zeros(x[:, :1].shape) if shift is None else shift[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+@dataclass
+class RWKV7TimeMixState(LayerState):
+    shift: torch.Tensor  # (B, C): last input of this time mix, in the model dtype
+    wkv: torch.Tensor  # (B, H, N, N) [value, key], always fp32 (it accumulates over the context)
+
+
+@dataclass
+class TokenShiftState(LayerState):
+    shift: torch.Tensor  # (B, C): last input of this channel mix
+
+
+def _first_rwkv_layer(arch: Any) -> int:
+    return next(i for i, (mixer, _) in enumerate(layer_plan(arch)) if mixer == "rwkv7")
+
+
+class RWKV7TimeMix(Sublayer):
+    """RWKV-7 time mix (see the module docstring for the equations and the initialisation)."""
+
+    def __init__(self, arch: Any, layer_idx: int) -> None:
+        super().__init__()
+        cfg = arch.rwkv7
+        d = arch.d_model
+        if d % cfg.head_size:
+            raise ValueError(
+                f"arch.d_model={d} is not divisible by arch.rwkv7.head_size={cfg.head_size}"
+            )
+        if not 1 <= cfg.chunk_size <= MAX_CHUNK:
+            raise ValueError(
+                f"arch.rwkv7.chunk_size={cfg.chunk_size} must be in [1, {MAX_CHUNK}] (decay "
+                "factors inside a chunk grow as exp(0.6065 * chunk_size))"
+            )
+        self.layer_idx = layer_idx
+        self.head_size = cfg.head_size
+        self.n_heads = d // cfg.head_size
+        self.chunk_size = cfg.chunk_size
+        self.kernels = cfg.kernels
+        # Fixed for the device by resolve_kernels; until then an explicit choice stands as asked.
+        explicit = {"triton": "triton:fla", "cuda": "cuda"}
+        self.kernel_path = explicit.get(cfg.kernels, "torch:chunked")
+        self.stores_v_first = layer_idx == _first_rwkv_layer(arch)
+        ranks = {
+            "w": cfg.decay_lora or lora_rank(d, 1.8),
+            "a": cfg.iclr_lora or lora_rank(d, 1.8),
+            "v": cfg.value_lora or lora_rank(d, 1.3),
+            "g": cfg.gate_lora or lora_rank(d, 0.6, 0.8),
+        }
+        self.lora_ranks = ranks
+
+        r0, r1 = _layer_ratios(layer_idx, arch.n_layers)
+        ramp = _channel_ramp(d)
+        self.x_r = nn.Parameter(1.0 - ramp.pow(0.2 * r1))
+        self.x_w = nn.Parameter(1.0 - ramp.pow(0.9 * r1))
+        self.x_k = nn.Parameter(1.0 - (ramp.pow(0.9 * r1) + 0.4 * r0))
+        self.x_v = nn.Parameter(1.0 - (ramp.pow(0.4 * r1) + 0.6 * r0))
+        self.x_a = nn.Parameter(1.0 - ramp.pow(0.9 * r1))
+        self.x_g = nn.Parameter(1.0 - ramp.pow(0.2 * r1))
+
+        position = torch.arange(d, dtype=torch.float32) / max(d - 1, 1)
+        decay_speed = -7.0 + 5.0 * position.pow(0.85 + r0**0.5)
+        self.w0 = nn.Parameter((decay_speed + 0.5).view(1, 1, d))
+        self.w1 = nn.Parameter(torch.zeros(d, ranks["w"]))
+        self.w2 = nn.Parameter(_orthogonal(ranks["w"], d, 0.1))
+        self.a0 = nn.Parameter(torch.zeros(1, 1, d))
+        self.a1 = nn.Parameter(torch.zeros(d, ranks["a"]))
+        self.a2 = nn.Parameter(_orthogonal(ranks["a"], d, 0.1))
+        if not self.stores_v_first:
+            self.v0 = nn.Parameter(torch.ones(1, 1, d))
+            self.v1 = nn.Parameter(torch.zeros(d, ranks["v"]))
+            self.v2 = nn.Parameter(_orthogonal(ranks["v"], d, 0.1))
+        self.g1 = nn.Parameter(torch.zeros(d, ranks["g"]))
+        self.g2 = nn.Parameter(_orthogonal(ranks["g"], d, 0.1))
+        self.k_k = nn.Parameter(torch.full((1, 1, d), 0.85))
+        self.k_a = nn.Parameter(torch.ones(1, 1, d))
+        self.r_k = nn.Parameter(torch.zeros(self.n_heads, self.head_size))
+
+        self.receptance = nn.Linear(d, d, bias=False)
+        self.key = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(d, d, bias=False)
+        self.output = nn.Linear(d, d, bias=False)
+        self.ln_x = nn.GroupNorm(self.n_heads, d, eps=GROUPNORM_EPS)
+        bound = 1.0 / math.sqrt(d)
+        nn.init.uniform_(self.receptance.weight, -0.5 * bound, 0.5 * bound)
+        nn.init.uniform_(self.key.weight, -0.05 * bound, 0.05 * bound)
+        nn.init.uniform_(self.value.weight, -0.5 * bound, 0.5 * bound)
+        nn.init.zeros_(self.output.weight)
+
+    # ---- interface ------------------------------------------------------------------------------
+    def resolve_kernels(self, device: torch.device) -> str:
+        available = {
+            "triton:fla": fla_unavailable(device),
+            "cuda": NO_CUDA_KERNEL,
+            "torch:chunked": None,
+        }
+        return require_kernels(_CHOICES[self.kernels], available, "arch.rwkv7.kernels")
+
+    def init_state(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> RWKV7TimeMixState:
+        d, n = self.n_heads * self.head_size, self.head_size
+        return RWKV7TimeMixState(
+            shift=torch.zeros(batch, d, device=device, dtype=dtype),
+            wkv=torch.zeros(batch, self.n_heads, n, n, device=device, dtype=torch.float32),
+        )
+
+    def state_bytes(self, batch: int, context: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        d, n = self.n_heads * self.head_size, self.head_size
+        return batch * d * itemsize + batch * self.n_heads * n * n * 4
+
+    def flops_per_token(self, context: int) -> float:
+        # Per head and token: decay (N^2), S a (2N^2), rank-one update (2N^2), v k^T (2N^2),
+        # S r (2N^2). Independent of the context: that is the point of a recurrent state.
+        return 9.0 * self.n_heads * self.head_size**2
+
+    def no_weight_decay(self) -> set[str]:
+        """RWKV-LM decays only 2-D `.weight` matrices: the shift, decay, learning-rate and bonus
+        vectors and the LoRA factors stay undecayed."""
+        return {name for name, _ in self.named_parameters(recurse=False)}
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        if state is not None and not isinstance(state, RWKV7TimeMixState):
+            raise TypeError(f"RWKV7TimeMix needs an RWKV7TimeMixState, got {type(state).__name__}")
+        if self.kernel_path == "cuda":
+            raise RuntimeError(f"arch.rwkv7.kernels='cuda' cannot run: {NO_CUDA_KERNEL}")
+        ctx = {} if ctx is None else ctx
+        batch, length, d = x.shape
+        heads, n = self.n_heads, self.head_size
+        xx = _token_shift(x, state.shift if state is not None else None) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        # The decay is formed in fp32 even in bf16 runs: it compounds over the whole context.
+        w_pre = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        log_w = LOG_DECAY_MIN * torch.sigmoid(w_pre.float())
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.stores_v_first:
+            ctx["v_first"] = v
+        else:
+            if "v_first" not in ctx:
+                raise RuntimeError(
+                    f"RWKV-7 layer {self.layer_idx} needs ctx['v_first'] from the first RWKV-7 "
+                    "layer of the same forward call (run the layers in order with one ctx)"
+                )
+            v = v + (ctx["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k).view(batch, length, heads, n), dim=-1, p=2.0)
+        k = k * (1 + (iclr - 1) * self.k_a)
+
+        r4, k4, v4 = (t.view(batch, length, heads, n) for t in (r, k, v))
+        path = self.kernel_path
+        if state is not None and length == 1:
+            path = "torch:recurrent"  # one decoding step: the definition is the fastest form
+        y, wkv_state = wkv7(
+            path, r4, log_w.view(batch, length, heads, n), k4, v4, -kk,
+            kk * iclr.view(batch, length, heads, n),
+            state.wkv if state is not None else None, self.chunk_size,
+        )
+        if state is not None:
+            state.wkv.copy_(wkv_state.detach())
+            state.shift.copy_(x[:, -1].detach())
+
+        y = self.ln_x(y.to(x.dtype).reshape(batch * length, d)).view(batch, length, d)
+        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
+        y = y + bonus.view(batch, length, d)
+        return self.output(y * g)
+
+
+class RWKV7ChannelMix(Sublayer):
+    """RWKV-7 channel mix: token shift, key to the hidden width, relu(.)^2, value back to d."""
+
+    kernel_path = "torch"
+
+    def __init__(self, arch: Any, layer_idx: int) -> None:
+        super().__init__()
+        d = arch.d_model
+        hidden = hidden_size(d, arch.mlp.hidden_mult, arch.mlp.multiple_of)
+        _, r1 = _layer_ratios(layer_idx, arch.n_layers)
+        self.x_k = nn.Parameter(1.0 - _channel_ramp(d).pow(r1**4))
+        self.key = nn.Linear(d, hidden, bias=False)
+        self.value = nn.Linear(hidden, d, bias=False)
+        bound = 0.5 / math.sqrt(d)
+        nn.init.uniform_(self.key.weight, -bound, bound)
+        nn.init.zeros_(self.value.weight)
+
+    def init_state(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> TokenShiftState:
+        return TokenShiftState(shift=torch.zeros(batch, self.x_k.shape[-1], device=device,
+                                                 dtype=dtype))
+
+    def state_bytes(self, batch: int, context: int, dtype: torch.dtype) -> int:
+        return batch * self.x_k.shape[-1] * torch.empty((), dtype=dtype).element_size()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"x_k"}
+
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        shift = state.shift if isinstance(state, TokenShiftState) else None
+        mixed = x + (_token_shift(x, shift) - x) * self.x_k
+        if isinstance(state, TokenShiftState):
+            state.shift.copy_(x[:, -1].detach())
+        return self.value(torch.relu(self.key(mixed)).square())
