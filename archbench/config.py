@@ -170,6 +170,7 @@ class DataConfig:
     hf_name: str | None = None
     hf_split: str = "train"
     val_fraction: float = 0.01
+    holdout_tail: float = 0.0  # also hold out the last fraction of every document (one-file sets)
     max_bytes: int | None = None  # cap on the corpus size, taken in document order
     cache_dir: str = "${oc.env:ARCHBENCH_CACHE,${oc.env:HOME}/.cache/archbench}/data"
     task: TaskDataConfig = field(default_factory=TaskDataConfig)
@@ -367,6 +368,8 @@ def validate(cfg: Any) -> None:
     _allowed("data.source", cfg.data.source, DATA_SOURCES)
     if cfg.data.source == "path" and not cfg.data.path:
         raise ConfigError("data.path is required when data.source='path'")
+    if not 0.0 <= cfg.data.holdout_tail < 1.0:
+        raise ConfigError(f"data.holdout_tail={cfg.data.holdout_tail} must be in [0, 1)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     t = cfg.train

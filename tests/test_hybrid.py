@@ -22,6 +22,15 @@ CONF = Path(archbench.conf.__file__).parent
 HAS_RWKV = importlib.util.find_spec("archbench.archs.rwkv") is not None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    """Tiny matmuls on shared cores: OpenMP hand-offs between threads cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def jamba(**overrides: object) -> object:
     """conf/arch/jamba.yaml, merged into the schema exactly as Hydra does, with a size set."""
     return arch_config(OmegaConf.merge(OmegaConf.load(CONF / "arch" / "jamba.yaml"), overrides))
@@ -186,7 +195,7 @@ def test_mixed_pattern_decodes_like_the_full_forward(position: str) -> None:
     model = mixed_model(MIXED, ["moe", "dense"], torch.float64, "torch", position)
     kinds = {type(s).__name__ for pair in model.init_cache(1, 4).states for s in pair if s}
     assert kinds == {"KVState", "MambaState"}  # KV buffers and recurrent states side by side
-    assert_decoding_matches(model, atol=1e-10)
+    assert_decoding_matches(model, atol=1e-6)  # mamba2 alone differs by ~1e-8 in fp64
 
 
 def test_mixed_pattern_decodes_like_the_full_forward_on_the_grouped_path() -> None:
@@ -197,8 +206,8 @@ def test_mixed_pattern_decodes_like_the_full_forward_on_the_grouped_path() -> No
 
 @pytest.mark.skipif(not HAS_RWKV, reason="archs/rwkv.py is not there yet")
 def test_mixed_pattern_with_rwkv7_decodes_like_the_full_forward() -> None:
-    model = mixed_model([*MIXED, "rwkv7"], ["moe", "dense"], torch.float64, "torch")
-    assert_decoding_matches(model, atol=1e-9)
+    model = mixed_model(["attention", "rwkv7", "mamba"], ["moe", "dense"], torch.float64, "torch")
+    assert_decoding_matches(model, atol=1e-6)
 
 
 # ---- a tiny hybrid learns ------------------------------------------------------------------------
@@ -208,15 +217,15 @@ def test_tiny_hybrid_trains_with_aux_losses() -> None:
     torch.manual_seed(6)
     vocab = 32
     model = LanguageModel({
-        "d_model": 64, "n_layers": 2, "attention": {"head_dim": 16},
+        "d_model": 32, "n_layers": 2, "attention": {"head_dim": 16},
         "pattern": {"mixers": ["mamba", "attention"], "mlps": ["moe", "dense"]},
         "moe": {"n_experts": 4, "top_k": 2, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
     }, vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     losses, aux_seen = [], []
-    for _ in range(60):
-        start = torch.randint(0, vocab, (16, 1))
-        seq = (start + torch.arange(25)) % vocab
+    for _ in range(40):
+        start = torch.randint(0, vocab, (8, 1))
+        seq = (start + torch.arange(17)) % vocab
         ctx: dict = {}
         logits = model(seq[:, :-1], ctx=ctx)
         loss = F.cross_entropy(logits.reshape(-1, vocab), seq[:, 1:].reshape(-1))
@@ -227,5 +236,38 @@ def test_tiny_hybrid_trains_with_aux_losses() -> None:
         losses.append(loss.item())
         aux_seen.append(aux.item())
     assert losses[0] > math.log(vocab) - 0.3
-    assert max(losses[-5:]) < 0.5
+    assert max(losses[-5:]) < 0.2
     assert all(math.isfinite(a) and a > 0 for a in aux_seen)
+
+
+# ---- size presets: active or total parameters ----------------------------------------------------
+def compose(*overrides: str) -> object:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from archbench.config import register_schema
+
+    register_schema()
+    with initialize_config_module("archbench.conf", version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def test_size_metric_override_matches_active_or_total_parameters() -> None:
+    from archbench.archs.sizing import solve_size
+
+    vocab = 256
+    fitted = {}
+    for metric in ("non_embedding", "active"):
+        cfg = compose("arch=jamba", "size=s", f"size.metric={metric}")
+        assert cfg.size.metric == metric and cfg.arch.name == "jamba"
+        arch, fit = solve_size(cfg.arch, cfg.size, vocab)
+        with torch.device("meta"):  # exact counts without allocating the weights
+            counts = LanguageModel(arch, vocab).param_counts()
+        key = "non_embedding" if metric == "non_embedding" else "active_non_embedding"
+        assert abs(counts[key] / cfg.size.target - 1) <= cfg.size.tolerance
+        assert counts[key] == fit.achieved
+        fitted[metric] = counts
+    # Matching active parameters gives a model with more weights in total, and vice versa.
+    assert fitted["active"]["non_embedding"] > 1.5 * fitted["non_embedding"]["non_embedding"]
+    assert fitted["non_embedding"]["active_non_embedding"] < fitted["active"][
+        "active_non_embedding"]

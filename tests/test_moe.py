@@ -19,6 +19,15 @@ from archbench.archs.model import LanguageModel, arch_config
 D = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    """Tiny matmuls on shared cores: OpenMP hand-offs between threads cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_arch(**moe: object) -> object:
     """A resolved arch for building a lone MoE layer (d=32, expert hidden 64)."""
     cfg = {"n_experts": 4, "top_k": 2, "hidden_mult": 2.0, **moe}

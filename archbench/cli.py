@@ -1,0 +1,150 @@
+"""`archbench <command> [hydra overrides]`: every stage is a Hydra app over the same conf/ tree,
+so `-m` turns any of them into a sweep and `--cfg job` prints the resolved config."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from archbench.config import ConfigError, register_schema, validate
+
+register_schema()
+
+CONF = "pkg://archbench.conf"
+USAGE = """usage: archbench COMMAND [key=value ...] [-m]
+
+commands:
+  train     train a backbone            archbench train arch=mamba size=tiny train.tokens=1e6
+  info      sizes, FLOPs, memory        archbench info arch=jamba size=m
+  generate  sample from a checkpoint    archbench generate ckpt=runs/X prompt='def main'
+  eval      quality evaluations         archbench eval ckpt=runs/X eval.tasks=[bpb,mqar]
+  bench     speed and memory            archbench bench arch=rwkv7 bench=cpu_smoke
+  compare   the default comparison      archbench compare
+  report    build a report from runs    archbench report multirun/ runs/ -o reports/latest
+
+Any command takes Hydra overrides; -m sweeps (e.g. arch=transformer,mamba -m).
+Resolved config: archbench train --cfg job
+"""
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _checked(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Validate before any work, and turn config errors into one clear line and exit code 2."""
+
+    def run(cfg: DictConfig) -> Any:
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            print(f"archbench: config error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return fn(cfg)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@_checked
+def train_app(cfg: DictConfig) -> float | None:
+    from archbench.train.trainer import run_training
+
+    run_dir = output_dir(cfg)
+    if (run_dir / "summary.json").is_file() and not cfg.train.resume:
+        import json
+
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("status") == "finished":
+            print(f"skipping {run_dir}: already finished (summary.json present)")
+            return summary.get("final", {}).get("loss")
+    summary = run_training(cfg, run_dir)
+    final = summary.get("final", {})
+    print(f"run dir: {run_dir}  val_loss={final.get('loss')}  val_bpb={final.get('bpb')}")
+    return final.get("loss")
+
+
+@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@_checked
+def info_app(cfg: DictConfig) -> None:
+    from archbench.archs.info import print_info
+
+    print_info(cfg)
+
+
+@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@_checked
+def generate_app(cfg: DictConfig) -> None:
+    from archbench.evaluate.generate import run_generate
+
+    run_generate(cfg)
+
+
+@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@_checked
+def eval_app(cfg: DictConfig) -> None:
+    from archbench.evaluate.runner import run_eval
+
+    run_eval(cfg)
+
+
+@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@_checked
+def bench_app(cfg: DictConfig) -> None:
+    from archbench.evaluate.bench.runner import run_bench
+
+    run_bench(cfg)
+
+
+# Commands that write nothing to a run directory keep Hydra from making one.
+_NO_RUN_DIR = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+               "hydra/hydra_logging=disabled"]
+
+COMMANDS: dict[str, tuple[Callable[[], Any], list[str]]] = {
+    "train": (train_app, []),
+    "info": (info_app, _NO_RUN_DIR),
+    "generate": (generate_app, _NO_RUN_DIR),
+    "eval": (eval_app, []),
+    "bench": (bench_app, []),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "report":
+        from archbench.evaluate.report import main as report_main
+
+        report_main(rest)
+        return
+    if command == "compare":
+        from archbench.evaluate.compare import main as compare_main
+
+        compare_main(rest)
+        return
+    if command not in COMMANDS:
+        print(f"archbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    app, defaults = COMMANDS[command]
+    extra = [d for d in defaults if d.split("=")[0] not in {a.split("=")[0] for a in rest}]
+    if "-m" in rest or "--multirun" in rest:
+        extra = [d for d in extra if not d.startswith("hydra.run")]
+    sys.argv = [f"archbench-{command}", *extra, *rest]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Size presets solved per backbone: pick depth and width so a parameter (or FLOPs) target is met.
+
+Hand-tuned presets drift whenever a mixer changes; solving keeps comparisons matched (DESIGN.md
+fairness rule 3). The count of every candidate is exact: blocks are built on the meta device and
+their parameters summed, so the solver cannot disagree with `LanguageModel.param_counts`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from archbench.config import MIXER_KINDS, MLP_SLOTS, ConfigError, expand_period
+from archbench.archs.model import Block, LanguageModel, arch_config, layer_plan
+
+MAX_LAYERS = 96
+MAX_WIDTH = 16384
+
+
+@dataclass
+class SizeFit:
+    metric: str
+    target: float
+    achieved: float
+    d_model: int
+    n_layers: int
+    solved: bool
+
+    @property
+    def error(self) -> float:
+        return self.achieved / self.target - 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "error": self.error}
+
+
+class _Attrs(dict):
+    """A read-only attribute view of a plain config dict: counting builds thousands of blocks,
+    and OmegaConf nodes are too slow to create for each."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+        return _Attrs(value) if isinstance(value, dict) else value
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "orthogonal_",
+                   "trunc_normal_", "xavier_uniform_", "kaiming_uniform_")
+
+
+@contextmanager
+def _counting_only() -> Iterator[None]:
+    """Build on the meta device with nn.init as no-ops: only shapes matter for counting."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+@lru_cache(maxsize=8192)
+def _block_counts(arch_json: str, d_model: int, mixer: str, mlp: str, first: bool,
+                  context: int) -> tuple[int, int, float]:
+    """(params, inactive params, extra forward FLOPs) of one block at width d_model."""
+    arch = _Attrs({**json.loads(arch_json), "d_model": d_model})
+    with _counting_only():
+        block = Block(arch, 0 if first else 1, mixer, mlp)
+    params = sum(p.numel() for p in block.parameters())
+    subs = [block.mixer] + ([block.mlp] if block.mlp is not None else [])
+    inactive = sum(s.inactive_params() for s in subs)
+    flops = sum(s.flops_per_token(context) for s in subs)
+    return params, int(inactive), float(flops)
+
+
+def measure(arch: Any, d_model: int, n_layers: int, vocab_size: int, metric: str,
+            context: int = 2048) -> float:
+    """The size metric of a candidate shape, from per-block exact counts."""
+    return _Measurer(arch, vocab_size, metric, context)(d_model, n_layers)
+
+
+class _Measurer:
+    """Sizes of candidate shapes of one arch; the expensive parts are cached across candidates."""
+
+    def __init__(self, arch: Any, vocab_size: int, metric: str, context: int) -> None:
+        if metric not in ("non_embedding", "active", "total", "flops"):
+            raise ConfigError(
+                f"size.metric={metric!r} is not one of non_embedding, active, total, flops"
+            )
+        plain = OmegaConf.to_container(arch, resolve=True)
+        plain["n_layers"] = 1  # block parameter counts do not depend on depth
+        self.arch_json = json.dumps(plain, sort_keys=True)
+        self.cfg = OmegaConf.create(plain)
+        self.period = layer_plan(self.cfg, _depth_unit(self.cfg))
+        self.vocab_size, self.metric, self.context = vocab_size, metric, context
+
+    def __call__(self, d_model: int, n_layers: int) -> float:
+        cfg = self.cfg
+        params = inactive = 0
+        flops = 0.0
+        for i in range(n_layers):
+            mixer, mlp = self.period[i % len(self.period)]
+            p, q, f = _block_counts(self.arch_json, d_model, mixer, mlp, i == 0, self.context)
+            params, inactive, flops = params + p, inactive + q, flops + f
+        norms = (2 if cfg.embed_norm else 1) * d_model * (2 if cfg.norm == "layernorm" else 1)
+        non_embedding = params + norms
+        if self.metric == "non_embedding":
+            return float(non_embedding)
+        if self.metric == "active":
+            return float(non_embedding - inactive)
+        if self.metric == "flops":
+            return 2.0 * (non_embedding - inactive + d_model * self.vocab_size) + flops
+        embedding = self.vocab_size * d_model * (1 if cfg.tie_embeddings else 2)
+        has_attention = any(m == "attention" for m, _ in self.period)
+        if cfg.attention.position == "learned" and has_attention:
+            embedding += cfg.attention.max_position * d_model
+        return float(non_embedding + embedding)
+
+
+def _depth_unit(arch: Any) -> int:
+    mixers = len(expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS))
+    mlps = len(expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", MLP_SLOTS))
+    return mixers * mlps // math.gcd(mixers, mlps)
+
+
+def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
+    """Return the arch with d_model and n_layers filled in, and how close the target was met.
+
+    An explicit arch.d_model and arch.n_layers win over the preset (the fit is still reported).
+    Otherwise, for each depth (a multiple of the pattern's period) the width is found by bisection
+    over multiples of arch.width_multiple; among shapes within size.tolerance the one nearest
+    the backbone's preferred aspect ratio (d_model per layer) is taken.
+    """
+    arch = arch_config(arch)
+    metric, target = size.metric, float(size.target)
+    context = int(getattr(size, "flops_seq_len", 2048))
+    if arch.d_model > 0 and arch.n_layers > 0:
+        got = measure(arch, arch.d_model, arch.n_layers, vocab_size, metric, context)
+        return arch, SizeFit(metric, target, got, arch.d_model, arch.n_layers, solved=False)
+    size_of = _Measurer(arch, vocab_size, metric, context)
+    step = int(arch.width_multiple)
+    unit = _depth_unit(arch)
+    best: tuple[float, int, int, float] | None = None
+    for n_layers in range(unit, MAX_LAYERS + 1, unit):
+        lo, hi = 1, MAX_WIDTH // step
+        if size_of(lo * step, n_layers) > target * (1 + size.tolerance):
+            break  # deeper models only get bigger
+        while lo < hi:  # smallest width whose size reaches the target
+            mid = (lo + hi) // 2
+            if size_of(mid * step, n_layers) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        for width in {max(1, lo - 1) * step, lo * step}:
+            got = size_of(width, n_layers)
+            if abs(got / target - 1) <= size.tolerance:
+                score = abs(math.log(width / n_layers / arch.aspect))
+                if best is None or score < best[0]:
+                    best = (score, width, n_layers, got)
+    if best is None:
+        raise ConfigError(
+            f"size.target={target:g} ({metric}) cannot be met within size.tolerance="
+            f"{size.tolerance} for arch.name={arch.name!r} with arch.width_multiple={step}; "
+            "lower arch.width_multiple, loosen the tolerance, or set arch.d_model/arch.n_layers"
+        )
+    _, width, depth, got = best
+    arch.d_model, arch.n_layers = width, depth
+    return arch, SizeFit(metric, target, got, width, depth, solved=True)
+
+
+def build_model(arch: Any, size: Any, vocab_size: int) -> tuple[LanguageModel, SizeFit]:
+    resolved, fit = solve_size(arch, size, vocab_size)
+    return LanguageModel(resolved, vocab_size), fit
