@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -q "torch>=2.4"; \
 	else \
 		echo "no GPU: installing the CPU torch wheel ($(TORCH_CPU))"; \
-		$(BIN)/python -m pip install -q "$(TORCH_CPU)" || \
-		$(BIN)/python -m pip install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev,eval,peers,data,scale]"
 	touch $(STAMP)

@@ -159,6 +159,7 @@ class TaskDataConfig:
     params: dict[str, Any] = field(default_factory=dict)
     n_train: int = 20000
     n_val: int = 1000
+    seed: int = 0  # examples are drawn per index from (seed, split, index): val never meets train
 
 
 @dataclass
@@ -215,6 +216,17 @@ class EvalConfig:
     extrapolation: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
+    # evaluate/runner.py: where the text comes from, where records go, synthetic-task settings.
+    device: str = "auto"
+    use_ckpt_data: bool = True  # bpb on the checkpoint's own corpus (else on `data` of this cfg)
+    file: str | None = None  # score this text file (all of it) instead of a validation split
+    records: str | None = None  # records file; None: <run dir of the checkpoint>/records.jsonl
+    n_examples: int = 500  # synthetic-task examples per setting
+    seed: int = 1234  # synthetic test examples: a split of their own, never the training one
+    task_params: dict[str, Any] = field(default_factory=dict)  # overrides of the task's params
+    grid: dict[str, Any] = field(default_factory=dict)  # param -> list of values (cartesian)
+    num_fewshot: int | None = None  # lm-eval
+    max_length: int | None = None  # lm-eval: truncate contexts to this many tokens (left side)
 
 
 @dataclass
@@ -251,7 +263,10 @@ class GenerateConfig:
     min_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int = 0
-    num_samples: int = 1
+    num_samples: int = 1  # best-of-N by mean token log-probability
+    stop_on_eos: bool = True
+    prompts: list[str] = field(default_factory=list)  # a batch of prompts (else the root `prompt`)
+    device: str = "auto"
 
 
 @dataclass

@@ -232,12 +232,16 @@ class MoE(Sublayer):
 
     def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference path: one matmul per expert over its contiguous block of rows."""
+        # unbind once: its backward is one stack, where indexing w[e] per expert would add a full
+        # (E, ...) zero gradient for every expert.
+        gates = self.w_gate.unbind(0) if self.w_gate is not None else None
+        ups, downs = self.w_up.unbind(0), self.w_down.unbind(0)
         outs = []
         for e, block in enumerate(rows.split(counts.tolist())):
             if block.shape[0] == 0:
                 continue
-            gate = block @ self.w_gate[e].t() if self.w_gate is not None else None
-            outs.append(self._activate(gate, block @ self.w_up[e].t()) @ self.w_down[e].t())
+            gate = block @ gates[e].t() if gates is not None else None
+            outs.append(self._activate(gate, block @ ups[e].t()) @ downs[e].t())
         if not outs:
             return rows.new_zeros(0, self.d_model)
         return torch.cat(outs)

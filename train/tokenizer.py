@@ -108,10 +108,17 @@ class HFTokenizer(Tokenizer):
         return self.raw.decode(list(ids), skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
+        """Byte-level BPE spells every byte as one character, so a token's byte count is its
+        length; decoding single tokens would count a split UTF-8 character as U+FFFD."""
         specials = {self.raw.token_to_id(t) for t in SPECIAL_TOKENS}
+        byte_level = (json.loads(self._json).get("decoder") or {}).get("type") == "ByteLevel"
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):
-            if i not in specials:
+            if i in specials:
+                continue
+            if byte_level:
+                out[i] = len(self.raw.id_to_token(i))
+            else:
                 out[i] = len(self.raw.decode([i], skip_special_tokens=False).encode("utf-8"))
         return out
 

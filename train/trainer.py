@@ -95,6 +95,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)
 
     tokenizer, data = prepare_data(cfg)
+    if data.val.n_windows(tcfg.seq_len) == 0:
+        raise ValueError(
+            f"the validation split holds {len(data.val)} tokens, fewer than one window of "
+            f"train.seq_len={tcfg.seq_len}; raise data.val_fraction (now "
+            f"{cfg.data.val_fraction}) or data.holdout_tail")
     vocab_size = max(tokenizer.vocab_size, int(data.meta.get("vocab_size", 0)))
     model, fit = build_model(cfg.arch, cfg.size, vocab_size)
     kernel_paths = resolve_kernels(model, device)

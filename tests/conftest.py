@@ -1,0 +1,37 @@
+"""Shared test helpers: compose configs exactly as the CLI does, and keep tests on one thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from archbench.config import register_schema
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(*overrides: str) -> DictConfig:
+    """The resolved config of `archbench <cmd> OVERRIDES` (same tree, same schema)."""
+    register_schema()
+    with initialize_config_module(config_module="archbench.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Token and tokenizer caches in a temporary folder, so tests never share state."""
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def tiny_arch(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"d_model": 64, "n_layers": 2,
+                            "attention": {"head_dim": 16}, "mlp": {"multiple_of": 16}}
+    base.update(overrides)
+    return base
