@@ -55,8 +55,8 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
         info.update(name=props.name, memory_bytes=props.total_memory,
                     capability=f"{props.major}.{props.minor}")
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
             info["driver"] = out.splitlines()[0] if out else None
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from archbench.archs.sizing import _counting_only, solve_size
 from archbench.archs.model import LanguageModel
+from archbench.archs.sizing import _counting_only, solve_size
 
 CONTEXTS = (2048, 8192, 32768, 131072, 262144)
 

@@ -22,7 +22,8 @@ from archbench.config import MIXER_KINDS, MLP_SLOTS, ArchConfig, expand_period, 
 def arch_config(arch: Any) -> DictConfig:
     """Any arch description (dataclass, dict, DictConfig) as a typed, checked DictConfig."""
     schema = OmegaConf.structured(ArchConfig)
-    cfg = OmegaConf.merge(schema, arch if not isinstance(arch, ArchConfig) else OmegaConf.structured(arch))
+    given = OmegaConf.structured(arch) if isinstance(arch, ArchConfig) else arch
+    cfg = OmegaConf.merge(schema, given)
     validate_arch(cfg)
     return cfg  # type: ignore[return-value]
 

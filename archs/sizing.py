@@ -19,8 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from archbench.config import MIXER_KINDS, MLP_SLOTS, ConfigError, expand_period
 from archbench.archs.model import Block, LanguageModel, arch_config, layer_plan
+from archbench.config import MIXER_KINDS, MLP_SLOTS, ConfigError, expand_period
 
 MAX_LAYERS = 96
 MAX_WIDTH = 16384

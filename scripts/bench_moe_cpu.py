@@ -3,8 +3,9 @@ with the same active parameters. A benchmark, not a test: it prints, it asserts 
 
     .venv/bin/python scripts/bench_moe_cpu.py --d-model 256 --tokens 2048 --threads 2
 
-Protocol (DESIGN.md section 3): warm-up iterations, then at least `--repeats` timed iterations and
-at least `--min-seconds`; the median and the min..max spread are quoted. The dense baseline is a
+Protocol (DESIGN.md section 3): warm-up iterations, then at least `--repeats` timed rounds and at
+least `--min-seconds`, the cases interleaved round by round (shared cores change load); the median
+and the min..max spread are quoted. The dense baseline is a
 SwiGLU of hidden top_k * expert_hidden, i.e. the expert weights a token touches; the router
 (d * E weights) is the only active weight the dense MLP lacks.
 """
@@ -43,15 +44,22 @@ def per_token_loop(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows).view(x.shape)
 
 
-def time_it(fn: Callable[[], object], warmup: int, repeats: int, min_seconds: float) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], warmup: int, repeats: int, min_seconds: float
+) -> dict[str, list[float]]:
+    """Round-robin over the cases, so that a load change on shared cores hits them all alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - start < min_seconds:
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
     return times
 
 
@@ -62,7 +70,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--hidden-mult", type=float, default=8 / 3)
     p.add_argument("--tokens", type=int, default=2048, help="batch * sequence length per call")
-    p.add_argument("--loop-tokens", type=int, default=256,
+    p.add_argument("--loop-tokens", type=int, default=128,
                    help="tokens per call for the (slow) per-token loop")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--mode", choices=["forward", "train"], default="forward",
@@ -112,9 +120,11 @@ def main() -> None:
          args.loop_tokens),
         ("dense same active", run(dense, x), args.tokens),
     ]
+    all_times = time_interleaved({name: call for name, call, _ in cases}, args.warmup,
+                                 args.repeats, args.min_seconds)
     results = {}
-    for name, call, n_tokens in cases:
-        times = time_it(call, args.warmup, args.repeats, args.min_seconds)
+    for name, _, n_tokens in cases:
+        times = all_times[name]
         med = statistics.median(times)
         results[name] = {"tokens_per_s": n_tokens / med, "median_s": med, "min_s": min(times),
                          "max_s": max(times), "iters": len(times), "tokens": n_tokens}

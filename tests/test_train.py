@@ -19,7 +19,8 @@ from archbench.train.checkpoint import CheckpointError, check_tokenizer, find_ch
 from archbench.train.tokenizer import train_bpe
 from archbench.train.trainer import TrainingDiverged, run_training
 
-TINY = ("size=micro", "data.max_bytes=300000", "data.val_fraction=0.1", "train.batch_size=4", "train.seq_len=64",
+TINY = ("size=micro", "data.max_bytes=300000", "data.val_fraction=0.1", "train.batch_size=4",
+        "train.seq_len=64",
         "train.tokens=3072", "train.warmup_steps=2", "train.eval_every=6", "train.eval_batches=2",
         "train.log_every=2", "train.progress=false")
 

@@ -146,8 +146,8 @@ def check_tokenizer(ckpt: Path, tokenizer: Tokenizer) -> None:
     saved = load_tokenizer(ckpt / "tokenizer.json")
     if saved.identity != tokenizer.identity:
         raise CheckpointError(
-            f"{ckpt} was trained with tokenizer {saved.identity}, but tokenizer {tokenizer.identity}"
-            " is configured; use the checkpoint's tokenizer.json"
+            f"{ckpt} was trained with tokenizer {saved.identity}, but tokenizer "
+            f"{tokenizer.identity} is configured; use the checkpoint's tokenizer.json"
         )
 
 
