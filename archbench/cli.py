@@ -4,7 +4,9 @@ so `-m` turns any of them into a sweep and `--cfg job` prints the resolved confi
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,11 @@ from omegaconf import DictConfig
 from archbench.config import ConfigError, register_schema, validate
 
 register_schema()
+# conf/hydra/launcher/{joblib,submitit_*}.yaml spell out every field of the plugin's own config of
+# the same name, so Hydra 1.3 checks them against it (a typo fails) and warns that this matching
+# is deprecated; they do not rely on it, so the warning is noise.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against "
+                        "ConfigStore schema")
 
 CONF = "pkg://archbench.conf"
 USAGE = """usage: archbench COMMAND [key=value ...] [-m]
@@ -39,13 +46,27 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _checked(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Validate before any work, and turn config errors into one clear line and exit code 2."""
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _checked(fn: Callable[[DictConfig], Any],
+             on_error: Callable[[DictConfig, Exception], None] | None = None
+             ) -> Callable[[DictConfig], Any]:
+    """Validate before any work, and turn config errors into one clear line and exit code 2.
+    In a sweep the error is raised instead: Hydra then marks that job failed and runs the others
+    (an exit would end the whole sweep). `on_error` records the failure first."""
 
     def run(cfg: DictConfig) -> Any:
         try:
             validate(cfg)
         except ConfigError as exc:
+            if on_error is not None:
+                on_error(cfg, exc)
+            if _in_sweep():
+                raise
             print(f"archbench: config error: {exc}", file=sys.stderr)
             sys.exit(2)
         return fn(cfg)
@@ -55,22 +76,42 @@ def _checked(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return run
 
 
+def _record_train_failure(cfg: DictConfig, exc: Exception) -> None:
+    from archbench.train.trainer import record_failure
+
+    record_failure(cfg, output_dir(cfg), exc)
+
+
+def _finished(summary: dict[str, Any], cfg: DictConfig) -> bool:
+    """Nothing left to train: a re-run sweep skips it, with or without train.resume (resume still
+    continues a finished run whose train.max_steps was raised)."""
+    if summary.get("status") != "finished":
+        return False
+    if not cfg.train.resume:
+        return True
+    planned = summary.get("total_steps", 0)
+    if cfg.train.max_steps:
+        planned = min(planned, cfg.train.max_steps)
+    return summary.get("step", 0) >= planned
+
+
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
-@_checked
+@partial(_checked, on_error=_record_train_failure)
 def train_app(cfg: DictConfig) -> float | None:
     from archbench.train.trainer import run_training
 
     run_dir = output_dir(cfg)
-    if (run_dir / "summary.json").is_file() and not cfg.train.resume:
+    if (run_dir / "summary.json").is_file():
         import json
 
         summary = json.loads((run_dir / "summary.json").read_text())
-        if summary.get("status") == "finished":
+        if _finished(summary, cfg):
             print(f"skipping {run_dir}: already finished (summary.json present)")
             return summary.get("final", {}).get("loss")
     summary = run_training(cfg, run_dir)
     final = summary.get("final", {})
-    print(f"run dir: {run_dir}  val_loss={final.get('loss')}  val_bpb={final.get('bpb')}")
+    if summary:  # empty on ranks > 0 of a distributed run: rank 0 reports
+        print(f"run dir: {run_dir}  val_loss={final.get('loss')}  val_bpb={final.get('bpb')}")
     return final.get("loss")
 
 

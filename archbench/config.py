@@ -245,6 +245,12 @@ class BenchConfig:
     max_context: bool = False
     max_context_limit: int = 131072
     isolate: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads in each measurement; 0 keeps torch's default
+    max_repeats: int = 1000  # cap on timed repeats when min_seconds asks for more
+    timeout_s: float = 1800.0  # per isolated measurement; a timeout is recorded, the sweep goes on
+    rss_budget_gb: float | None = None  # CPU, isolated: data-memory cap per measurement
+    max_context_step: int = 128  # resolution of the max-context bisection (tokens)
 
 
 @dataclass

@@ -51,9 +51,6 @@ class DenseMLP(Sublayer):
 # installed torch has one that runs on the device) and `expert-loop` (the pure-PyTorch reference,
 # one matmul per expert over its block). `kernel_path` names the one that runs.
 
-MOE_KERNEL_CHOICES = ("auto", "torch", "grouped_mm")
-
-
 def _grouped_mm_fn() -> Any | None:
     """torch >= 2.8 exposes the MoE grouped GEMM as F.grouped_mm (earlier as torch._grouped_mm)."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -153,16 +150,18 @@ class MoE(Sublayer):
                     f"({self.hidden}) to be multiples of 8")
         if not probe:
             return None
-        dtype = self.w_up.dtype
-        try:  # a tiny forward and backward through the real shapes, on the real device
-            a = torch.zeros(3, self.d_model, device=device, dtype=dtype, requires_grad=True)
-            b = torch.zeros(2, self.hidden, self.d_model, device=device, dtype=dtype,
-                            requires_grad=True)
-            offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
-            out = fn(a, b.transpose(-2, -1), offs=offs)
-            out.backward(torch.ones_like(out))
-        except (RuntimeError, NotImplementedError) as err:
-            return f"grouped_mm does not run on {device.type} in {dtype}: {err}"
+        # The parameters' dtype, and on CUDA also bf16, which the trainer's autocast computes in.
+        dtypes = {self.w_up.dtype} | ({torch.bfloat16} if device.type == "cuda" else set())
+        for dtype in dtypes:
+            try:  # a tiny forward and backward through the real shapes, on the real device
+                a = torch.zeros(3, self.d_model, device=device, dtype=dtype, requires_grad=True)
+                b = torch.zeros(2, self.hidden, self.d_model, device=device, dtype=dtype,
+                                requires_grad=True)
+                offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
+                out = fn(a, b.transpose(-2, -1), offs=offs)
+                out.backward(torch.ones_like(out))
+            except (RuntimeError, NotImplementedError) as err:
+                return f"grouped_mm does not run on {device.type} in {dtype}: {err}"
         return None
 
     def _choose(self, grouped_reason: str | None) -> str:
@@ -198,10 +197,19 @@ class MoE(Sublayer):
     def _report(
         self, ctx: dict[str, Any], logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor
     ) -> None:
-        """Add this layer's weighted aux losses (summed over layers) and its routing fractions."""
-        aux = ctx.setdefault("aux_losses", {})
+        """Add this layer's weighted aux losses (summed over layers) and its routing fractions.
+
+        Once per layer and ctx: activation checkpointing re-runs the forward during backward with
+        the same ctx, and must not add the losses (already in the graph) a second time. The losses
+        are still computed then, as the recompute must save the same tensors as the forward.
+        """
         balance = self.aux_loss_coef * load_balance_loss(probs, experts, self.n_experts)
         z_loss = self.z_loss_coef * router_z_loss(logits)
+        reported = ctx.setdefault("moe_reported", set())
+        if id(self) in reported:
+            return
+        reported.add(id(self))
+        aux = ctx.setdefault("aux_losses", {})
         aux["moe_load_balance"] = aux.get("moe_load_balance", 0.0) + balance
         aux["moe_z_loss"] = aux.get("moe_z_loss", 0.0) + z_loss
         ctx.setdefault("expert_fractions", []).append(

@@ -15,13 +15,16 @@ Every evaluator appends JSON lines to `<run dir>/records.jsonl` (or the file giv
                                        "loss" (nats per answer token)
                   lm_eval:             the harness's metric name ("acc", "bits_per_byte", ...)
     value       a float, or null when `status` is not "ok"
-    status      "ok" | "not_supported" (e.g. learned positions past their limit) | "oom"
+    status      "ok" | "not_supported" (e.g. learned positions past their limit) | "oom" |
+                "nonfinite" (the harness returned inf / nan, e.g. an overflowing perplexity)
     reason      why, when status is not "ok"
     params      the setting: task parameters (seq_len, num_kv_pairs, vocab_size, depth, ...),
                 the evaluation context (`context`, `multiple`), position bucket (`start`, `end`),
                 lm-eval task and filter, MAD setting id; everything a plot groups by
     n           how many examples / tokens / answer positions the value averages over
     stderr      standard error of `value` where it is known (accuracy, lm-eval), else absent
+    primary     synthetic tasks: True on the task's headline metric (accuracy for MQAR / MAD /
+                induction / copying, exact_match for passkey)
     ckpt        checkpoint folder that was evaluated
     run         run name (the run directory's name)
     arch        backbone name (arch.name)
@@ -44,7 +47,7 @@ from typing import Any
 from archbench.io import append_jsonl
 from archbench.provenance import provenance
 
-STATUSES = ("ok", "not_supported", "oom")
+STATUSES = ("ok", "not_supported", "oom", "nonfinite")
 
 
 class EvalContext:

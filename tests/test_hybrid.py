@@ -11,24 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import archbench.conf
 from archbench.archs.model import LanguageModel, arch_config, layer_plan
+from archbench.archs.sizing import solve_size
 from archbench.config import MIXER_KINDS, ConfigError, MambaConfig, expand_period
 
 CONF = Path(archbench.conf.__file__).parent
 HAS_RWKV = importlib.util.find_spec("archbench.archs.rwkv") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny matmuls on shared cores: OpenMP hand-offs between threads cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def jamba(**overrides: object) -> object:
@@ -241,24 +234,11 @@ def test_tiny_hybrid_trains_with_aux_losses() -> None:
 
 
 # ---- size presets: active or total parameters ----------------------------------------------------
-def compose(*overrides: str) -> object:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from archbench.config import register_schema
-
-    register_schema()
-    with initialize_config_module("archbench.conf", version_base=None):
-        return hydra_compose("config", overrides=list(overrides))
-
-
 def test_size_metric_override_matches_active_or_total_parameters() -> None:
-    from archbench.archs.sizing import solve_size
-
     vocab = 256
     fitted = {}
     for metric in ("non_embedding", "active"):
-        cfg = compose("arch=jamba", "size=s", f"size.metric={metric}")
+        cfg = make_config("arch=jamba", "size=s", f"size.metric={metric}")
         assert cfg.size.metric == metric and cfg.arch.name == "jamba"
         arch, fit = solve_size(cfg.arch, cfg.size, vocab)
         with torch.device("meta"):  # exact counts without allocating the weights

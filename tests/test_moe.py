@@ -19,15 +19,6 @@ from archbench.archs.model import LanguageModel, arch_config
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny matmuls on shared cores: OpenMP hand-offs between threads cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_arch(**moe: object) -> object:
     """A resolved arch for building a lone MoE layer (d=32, expert hidden 64)."""
     cfg = {"n_experts": 4, "top_k": 2, "hidden_mult": 2.0, **moe}
@@ -82,6 +73,24 @@ def test_moe_equals_per_token_reference(path: str, expert_kind: str, renormalize
     layer.kernel_path = path
     x = torch.randn(3, 5, D, dtype=dtype)
     torch.testing.assert_close(layer(x), per_token_reference(layer, x), **tol)
+
+
+@pytest.mark.parametrize("path", available_paths())
+def test_dropless_when_every_token_picks_the_same_experts(path: str) -> None:
+    """No capacity limit: experts 0 and 1 take all tokens, the idle ones get zero gradient."""
+    layer = make_moe(dtype=torch.float32, n_experts=6, top_k=2)
+    x = torch.randn(2, 9, D) * 0.1 + 1.0  # every token near the all-ones direction
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.01)
+        layer.router.weight[:2] += 0.2  # experts 0 and 1 far ahead for every token
+    layer.kernel_path = path
+    ctx: dict = {}
+    out = layer(x, ctx=ctx)
+    torch.testing.assert_close(ctx["expert_fractions"][0], torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
+    torch.testing.assert_close(out, per_token_reference(layer, x), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert layer.w_up.grad[2:].abs().max() == 0
+    assert layer.w_up.grad[0].abs().sum() > 0 and layer.w_up.grad[1].abs().sum() > 0
 
 
 def test_grouped_mm_matches_expert_loop_with_gradients() -> None:
@@ -156,10 +165,21 @@ def test_aux_losses_closed_form_on_hand_built_routing() -> None:
     assert ctx["aux_losses"]["moe_z_loss"].item() == pytest.approx(z_loss, rel=1e-12)
     torch.testing.assert_close(ctx["expert_fractions"][0], torch.tensor(fractions))
     # A second layer in the same forward adds into the same keys, and appends its fractions.
-    layer(x, ctx=ctx)
+    twin = MoE(layer_arch(layer), 1).double()
+    twin.load_state_dict(layer.state_dict())
+    twin(x, ctx=ctx)
     assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
     assert ctx["aux_losses"]["moe_z_loss"].item() == pytest.approx(2 * z_loss, rel=1e-12)
     assert len(ctx["expert_fractions"]) == 2 and not ctx["expert_fractions"][1].requires_grad
+    # The same layer again in the same forward (activation checkpointing's recompute) adds nothing.
+    layer(x, ctx=ctx)
+    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
+    assert len(ctx["expert_fractions"]) == 2
+
+
+def layer_arch(layer: MoE) -> object:
+    return make_arch(n_experts=layer.n_experts, top_k=layer.top_k, aux_loss_coef=1.0,
+                     z_loss_coef=1.0, kernels="torch")
 
 
 def test_aux_losses_are_scaled_by_their_coefficients() -> None:
@@ -283,3 +303,48 @@ def test_moe_layer_in_a_model_reports_every_layer() -> None:
         assert fractions.shape == (4,) and math.isclose(fractions.sum().item(), 1.0, rel_tol=1e-6)
     balance = ctx["aux_losses"]["moe_load_balance"]
     assert balance.requires_grad and 0 < balance.item() <= 2 * 0.01 * 4  # each layer <= E
+
+
+def test_activation_checkpointing_reports_each_layer_once() -> None:
+    """The recompute in backward must not double the logged aux losses or the fractions."""
+    torch.manual_seed(7)
+    model = LanguageModel({
+        "d_model": D, "n_layers": 2, "attention": {"head_dim": 16},
+        "pattern": {"mixers": ["attention"], "mlps": ["moe"]},
+        "moe": {"n_experts": 4, "top_k": 2},
+    }, 40).train()
+    tokens = torch.randint(0, 40, (2, 8))
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        ctx: dict = {}
+        logits = model(tokens, ctx=ctx)
+        (logits.square().mean() + sum(ctx["aux_losses"].values())).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((ctx, grads))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    assert len(ckpt["expert_fractions"]) == len(plain["expert_fractions"]) == 2
+    for key in ("moe_load_balance", "moe_z_loss"):
+        assert ckpt["aux_losses"][key].item() == pytest.approx(plain["aux_losses"][key].item())
+    torch.testing.assert_close(ckpt_grads, plain_grads)
+
+
+def test_bf16_autocast_runs_both_paths_alike() -> None:
+    """Training on CPU may autocast to bf16: the grouped path casts its operands itself."""
+    if _grouped_mm_fn() is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped_mm")
+    torch.manual_seed(8)
+    layer = MoE(make_arch(), 0)
+    x = torch.randn(2, 8, D)
+    with torch.no_grad():
+        layer.kernel_path = "expert-loop"
+        full_precision = layer(x)
+        results = {}
+        for path in ("grouped_mm", "expert-loop"):
+            layer.kernel_path = path
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[path] = layer(x)
+    torch.testing.assert_close(results["grouped_mm"], results["expert-loop"], rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(results["grouped_mm"], full_precision, rtol=5e-2, atol=5e-4)
+    assert not torch.equal(results["grouped_mm"], full_precision)  # bf16 did the matmuls

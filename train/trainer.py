@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,6 @@ from archbench.evaluate.perplexity import split_metrics
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.provenance import provenance
 from archbench.train import distributed as dist_utils
-from archbench.train.checkpoint import find_checkpoint, restore_training
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
 from archbench.train.loggers import make_logger
 from archbench.train.optim import build_optimizer, lr_at
@@ -80,13 +81,50 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def record_failure(cfg: DictConfig, run_dir: str | Path, exc: BaseException) -> None:
+    """A run that failed before its training loop (bad data, a model that cannot be built, a
+    config error in a sweep) still leaves summary.json and a record saying why, so a sweep goes
+    on and the report lists it; re-running the sweep retries it (only finished runs are skipped).
+    """
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    run_dir = Path(run_dir)
+    error = error_text(exc)
+    summary = {"status": "failed", "error": error, "run": run_dir.name,
+               "arch": cfg.arch.name, "size": cfg.size.name, "seed": cfg.train.seed,
+               "traceback": traceback.format_exception(exc)[-8:],
+               "config": OmegaConf.to_container(cfg, resolve=False)}
+    write_json_atomic(run_dir / "summary.json", summary)
+    append_jsonl(run_dir / "records.jsonl", {
+        "kind": "train", "status": "failed", "error": error, "run": run_dir.name,
+        "arch": cfg.arch.name, "size": cfg.size.name, "seed": cfg.train.seed})
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train `cfg` into `run_dir`; a failure is recorded there (status "failed" and the error, in
+    summary.json and records.jsonl) and then raised."""
+    outcome = {"recorded": False}
+    try:
+        return _run_training(cfg, run_dir, outcome)
+    except Exception as exc:
+        if not outcome["recorded"]:
+            record_failure(cfg, run_dir, exc)
+        raise
+
+
+def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
+                  ) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train
     ctx_dist = dist_utils.setup(tcfg.distributed)
     rank, world, is_main = ctx_dist.rank, ctx_dist.world, ctx_dist.rank == 0
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir), ctx_dist))  # rank 0's, everywhere
     device = ctx_dist.device or pick_device(tcfg.device)
     amp_dtype = pick_dtype(tcfg.dtype, device)
     if tcfg.batch_size % (tcfg.grad_accum * world):
@@ -94,7 +132,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                          f"train.grad_accum={tcfg.grad_accum} x world size {world}")
     torch.manual_seed(tcfg.seed)
 
-    tokenizer, data = prepare_data(cfg)
+    with dist_utils.main_first(ctx_dist):  # rank 0 fills the token caches, the others read them
+        tokenizer, data = prepare_data(cfg)
     if data.val.n_windows(tcfg.seq_len) == 0:
         raise ValueError(
             f"the validation split holds {len(data.val)} tokens, fewer than one window of "
@@ -114,19 +153,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     last_step = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
     order = WindowOrder(data.train.n_windows(tcfg.seq_len), tcfg.batch_size, tcfg.seed)
 
-    optimizer = build_optimizer(model, tcfg)
+    train_model = dist_utils.wrap(model, ctx_dist, tcfg.distributed)
+    forward = torch.compile(train_model) if tcfg.compile else train_model
+    optimizer = build_optimizer(model, tcfg)  # after wrap: FSDP2 swaps parameters for shards
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
-    if tcfg.resume and (ckpt := find_checkpoint(run_dir)) is not None:
-        state = restore_training(ckpt, model, optimizer)
+    # Checkpoints hold full state, so a run saved on N ranks resumes on any number of them.
+    if tcfg.resume and (state := dist_utils.restore(run_dir, model, optimizer,
+                                                   ctx_dist)) is not None:
         step = state["step"]
         if is_main:
             _truncate_metrics(metrics_path, step)
-            print(f"resumed from {ckpt} at step {step}")
+            print(f"resumed from {state['checkpoint']} at step {step}")
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
-    train_model = dist_utils.wrap(model, ctx_dist, tcfg.distributed)
-    forward = torch.compile(train_model) if tcfg.compile else train_model
 
     meta = {
         "arch": arch_resolved, "vocab_size": vocab_size, "config": to_container(cfg),
@@ -152,6 +192,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.time()
     tokens_seen_start = step * tokens_per_step
     status = "running"
+    error: str | None = None
     summary: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
     bar = tqdm(total=last_step, initial=step, disable=not (tcfg.progress and is_main),
@@ -183,11 +224,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     loss = lm_loss(logits, targets[sl])
                     aux = fwd_ctx.get("aux_losses", {})
                     total = loss + sum(aux.values()) if aux else loss
-                (total / tcfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / tcfg.grad_accum
+                # Read ctx before backward: activation checkpointing re-runs each block during
+                # backward, and an MoE layer then adds its aux losses to ctx a second time.
                 for key, value in aux.items():
                     aux_sums[key] = aux_sums.get(key, 0.0) + float(value.detach()) / tcfg.grad_accum
                 fractions += fwd_ctx.get("expert_fractions", [])
+                (total / tcfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / tcfg.grad_accum
             loss_value = dist_utils.mean_across(loss_sum, ctx_dist)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -216,8 +259,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_value:.3f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 window_time, window_tokens = time.time(), 0
-            if is_main and (step % tcfg.eval_every == 0 or step == last_step):
+            # Under FSDP2 every forward gathers shards, so all ranks evaluate; rank 0 records.
+            if (is_main or ctx_dist.sharded) and (step % tcfg.eval_every == 0
+                                                  or step == last_step):
                 last_eval = evaluate_now()
+            if is_main and (step % tcfg.eval_every == 0 or step == last_step):
                 val = {"step": step, "tokens": step * tokens_per_step,
                        "val_loss": last_eval["loss"], "val_bpb": last_eval["bpb"]}
                 append_jsonl(metrics_path, val)
@@ -225,8 +271,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if step % tcfg.ckpt_every == 0 or step == last_step:
                 dist_utils.save(run_dir, step, model, optimizer, tokenizer, meta, ctx_dist)
         status = "finished"
-    except TrainingDiverged:
-        status = "diverged"
+    except TrainingDiverged as exc:
+        status, error = "diverged", error_text(exc)
+        raise
+    except Exception as exc:
+        status, error = "failed", error_text(exc)
         raise
     finally:
         bar.close()
@@ -242,6 +291,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 "flops_per_token": model.flops_per_token(tcfg.seq_len),
                 "provenance": provenance(device), **meta,
             }
+            if error is not None:
+                summary["error"] = error
             if status != "running":
                 write_json_atomic(run_dir / "summary.json", summary)
                 record = {"kind": "train", **{k: summary[k] for k in (
@@ -249,7 +300,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     "param_counts", "kernel_paths", "seed", "tokenizer", "dtype")},
                     "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"),
                     "provenance": summary["provenance"]}
+                if error is not None:
+                    record["error"] = error
                 append_jsonl(run_dir / "records.jsonl", record)
+                outcome["recorded"] = True
+            for name in ("summary.json", "metrics.jsonl", "records.jsonl"):
+                if (run_dir / name).is_file():
+                    logger.log_artifact(run_dir / name)
             logger.close("FINISHED" if status == "finished" else "FAILED")
         dist_utils.teardown(ctx_dist)
     return summary

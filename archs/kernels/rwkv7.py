@@ -78,11 +78,12 @@ def wkv7_recurrent(
     r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))
     w = log_w.to(dt).exp()
     outs = []
-    for t in range(r.shape[1]):
-        sa = s @ a[:, t].unsqueeze(-1)  # (B, H, N, 1): S_{t-1} a_t^T
-        s = s * w[:, t].unsqueeze(-2) + sa * b[:, t].unsqueeze(-2)
-        s = s + v[:, t].unsqueeze(-1) * k[:, t].unsqueeze(-2)
-        outs.append((s @ r[:, t].unsqueeze(-1)).squeeze(-1))
+    # unbind, not x[:, t]: indexing's backward would build a full-size gradient for every step.
+    steps = zip(*(x.unbind(1) for x in (r, w, k, v, a, b)))
+    for r_t, w_t, k_t, v_t, a_t, b_t in steps:
+        sa = s @ a_t.unsqueeze(-1)  # (B, H, N, 1): S_{t-1} a_t^T
+        s = s * w_t.unsqueeze(-2) + sa * b_t.unsqueeze(-2) + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)
+        outs.append((s @ r_t.unsqueeze(-1)).squeeze(-1))
     if not outs:
         return r.new_zeros(r.shape), s
     return torch.stack(outs, dim=1), s
@@ -153,12 +154,14 @@ def wkv7_chunked(
     # Chunk transition S_L = S_0 A + C, then the only sequential part: N x N matmuls per chunk.
     trans = torch.diag_embed(g_end.squeeze(-2).exp()) + w_mat.mT @ b_end
     inject = u_free.mT @ b_end + v.mT @ k_end
+    # unbind, not indexing: the backward of x[:, :, c] would build a full-size gradient per chunk
+    # (quadratic in the length); unbind's backward stacks them once.
+    trans_c = trans.flatten(0, 1).unbind(1)
+    inject_c = inject.flatten(0, 1).unbind(1)
     starts = []
     for c in range(n_chunks):
         starts.append(s)
-        s = torch.baddbmm(
-            inject[:, :, c].flatten(0, 1), s.flatten(0, 1), trans[:, :, c].flatten(0, 1)
-        ).view(batch, heads, size, size)
+        s = torch.baddbmm(inject_c[c], s.flatten(0, 1), trans_c[c]).view(batch, heads, size, size)
     s0 = torch.stack(starts, dim=2)  # (B, H, n_chunks, N, N): state entering each chunk
 
     u = w_mat @ s0.mT + u_free

@@ -1,0 +1,145 @@
+"""Timing that survives scrutiny: first call apart, warm-up, enough repeats, median and spread.
+
+The first call of a step pays for lazy initialisation, allocator growth, kernel autotuning or
+graph capture; it is timed alone and reported as `first_call_s`, never mixed into the median.
+Then `warmup` untimed calls, then timed calls until both `repeats` and `min_seconds` are met
+(capped by `max_repeats`). On CUDA each timed call is bracketed by CUDA events on the current
+stream (device time, launch gaps included), and the first call by host time with a
+synchronisation on each side.
+
+Also here: recognising an out-of-memory error (CUDA or CPU allocator), and saving / restoring a
+decoding cache so that every decode repeat starts from the same prefilled state.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Timing:
+    first_call_s: float
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def spread(self) -> dict[str, float | int]:
+        """Quartiles (IQR) and extremes of the timed repeats, in seconds."""
+        ordered = sorted(self.times)
+        if len(ordered) >= 2:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            q1 = q3 = ordered[0]
+        return {"q1": q1, "q3": q3, "iqr": q3 - q1, "min": ordered[0], "max": ordered[-1],
+                "n": len(ordered)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(
+    step: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    min_seconds: float,
+    max_repeats: int = 1000,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Time `step` (with an untimed `setup` before every call, e.g. restoring a cache)."""
+    cuda = device.type == "cuda"
+
+    def timed() -> float:
+        if setup is not None:
+            setup()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        began = time.perf_counter()
+        step()
+        return time.perf_counter() - began
+
+    if setup is not None:
+        setup()
+    synchronize(device)
+    began = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - began
+    for _ in range(warmup):
+        timed()
+    times: list[float] = []
+    began = time.perf_counter()
+    limit = max(max_repeats, repeats, 1)
+    while len(times) < limit and (len(times) < max(repeats, 1)
+                                  or time.perf_counter() - began < min_seconds):
+        times.append(timed())
+    return Timing(first_call_s=first, times=times)
+
+
+_CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A CUDA OOM, a failed CPU allocation (e.g. under an RSS budget), or Python's MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MARKERS)
+
+
+# ---- decoding-cache snapshots ------------------------------------------------------------------
+
+
+def snapshot_cache(cache: Any) -> dict[str, Any]:
+    """A copy of every tensor and scalar of a ModelCache (states, position, extras)."""
+    states = []
+    for pair in cache.states:
+        saved = []
+        for state in pair:
+            if state is None:
+                saved.append(None)
+                continue
+            saved.append({f.name: _copy_value(getattr(state, f.name)) for f in fields(state)})
+        states.append(saved)
+    return {"states": states, "pos": cache.pos,
+            "extra": {k: _copy_value(v) for k, v in cache.extra.items()}}
+
+
+def restore_cache(cache: Any, saved: dict[str, Any]) -> None:
+    """Put a snapshot back in place: tensors are copied into the existing buffers (their addresses
+    do not change, which CUDA graph replay relies on); scalars are reassigned."""
+    for pair, saved_pair in zip(cache.states, saved["states"], strict=True):
+        for state, values in zip(pair, saved_pair, strict=True):
+            if state is None:
+                continue
+            for name, value in values.items():
+                current = getattr(state, name)
+                if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor) \
+                        and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    setattr(state, name, _copy_value(value))
+    cache.pos = saved["pos"]
+    cache.extra = {k: _copy_value(v) for k, v in saved["extra"].items()}
+
+
+def _copy_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)

@@ -1,0 +1,175 @@
+"""Figures of the report: one colour per backbone everywhere, labelled axes, log scales on demand.
+
+A reader compares backbones across a dozen plots at a glance only if a backbone keeps its colour
+in every one of them, so colours come from one `Styles` object built from every label of the
+report. Figures are drawn with the Agg backend (no display needed) and closed after saving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Fixed colours for the known backbones (colour-blind-friendly where possible), so the same
+# backbone looks the same in every report, not only within one.
+KNOWN_COLOURS = {
+    "transformer": "#1f77b4",
+    "gpt2": "#17becf",
+    "mamba": "#d62728",
+    "mamba2": "#ff7f0e",
+    "rwkv7": "#2ca02c",
+    "jamba": "#9467bd",
+}
+SPARE_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#843c39",
+                 "#7b4173", "#3182bd", "#e6550d"]
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+DPI = 110
+
+
+class Styles:
+    """Colour (by backbone) and line style (by variant of a backbone, e.g. its size) per label."""
+
+    def __init__(self, labels: Iterable[tuple[str, str]]) -> None:
+        """`labels`: (label, backbone) pairs; labels of one backbone share its colour."""
+        self._style: dict[str, dict[str, Any]] = {}
+        spare = iter(SPARE_COLOURS)
+        backbone_colour: dict[str, str] = {}
+        variants: dict[str, int] = {}
+        for label, backbone in sorted(set(labels)):
+            if backbone not in backbone_colour:
+                backbone_colour[backbone] = KNOWN_COLOURS.get(backbone) or next(
+                    spare, _hashed_colour(backbone))
+            k = variants.get(backbone, 0)
+            variants[backbone] = k + 1
+            self._style[label] = {"color": backbone_colour[backbone],
+                                  "linestyle": LINESTYLES[k % len(LINESTYLES)],
+                                  "marker": MARKERS[k % len(MARKERS)]}
+
+    def __call__(self, label: str) -> dict[str, Any]:
+        if label not in self._style:  # a label first seen late still gets a stable colour
+            self._style[label] = {"color": KNOWN_COLOURS.get(label, _hashed_colour(label)),
+                                  "linestyle": "-", "marker": "o"}
+        return dict(self._style[label])
+
+    def colour(self, label: str) -> str:
+        return self(label)["color"]
+
+
+def _hashed_colour(name: str) -> str:
+    return "#" + hashlib.sha1(name.encode()).hexdigest()[:6]
+
+
+def spans_decades(values: Iterable[float], ratio: float = 20.0) -> bool:
+    """Log scale when the positive data spans more than `ratio` (about a decade and more)."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
+    return len(vals) > 1 and max(vals) / min(vals) >= ratio
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.4,
+               height: float = 4.2) -> tuple[plt.Figure, np.ndarray]:
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, axes.ravel()
+
+
+def finish(fig: plt.Figure, path: Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def label_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str | None = None,
+               xs: Iterable[float] = (), ys: Iterable[float] = (), logx: bool | None = None,
+               logy: bool | None = None) -> None:
+    """Axis labels (with units, by the caller), a light grid, and log scales where data spans
+    decades (or where forced)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if logx if logx is not None else spans_decades(xs):
+        ax.set_xscale("log")
+    if logy if logy is not None else spans_decades(ys):
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+
+
+def legend(ax: plt.Axes) -> None:
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, framealpha=0.8)
+
+
+def band_line(ax: plt.Axes, styles: Styles, label: str, x: Sequence[float],
+              curves: Sequence[Sequence[float]], markers: bool = False) -> None:
+    """Mean of several runs (seeds) as a line and their min..max as a shaded band."""
+    arr = np.asarray(curves, dtype=float)
+    style = styles(label)
+    mean = np.nanmean(arr, axis=0)
+    n = arr.shape[0]
+    name = label if n == 1 else f"{label} (n={n})"
+    ax.plot(x, mean, color=style["color"], linestyle=style["linestyle"], label=name,
+            marker=style["marker"] if markers else None, markersize=4)
+    if n > 1:
+        ax.fill_between(x, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=style["color"],
+                        alpha=0.2, linewidth=0)
+
+
+def points_line(ax: plt.Axes, styles: Styles, label: str, x: Sequence[float],
+                y: Sequence[float], yerr: Sequence[float] | None = None) -> None:
+    """A measured series (sorted by x) with markers, and error bars where known."""
+    order = np.argsort(np.asarray(x, dtype=float))
+    xs = np.asarray(x, dtype=float)[order]
+    ys = np.asarray(y, dtype=float)[order]
+    style = styles(label)
+    if yerr is not None and any(e is not None for e in yerr):
+        err = np.asarray([np.nan if e is None else e for e in yerr], dtype=float)[order]
+        ax.errorbar(xs, ys, yerr=err, color=style["color"], linestyle=style["linestyle"],
+                    marker=style["marker"], markersize=4, capsize=2, label=label)
+    else:
+        ax.plot(xs, ys, color=style["color"], linestyle=style["linestyle"],
+                marker=style["marker"], markersize=4, label=label)
+
+
+def bars(ax: plt.Axes, styles: Styles, labels: Sequence[str], values: Sequence[float],
+         fmt: str = "{:.3g}") -> None:
+    """One bar per backbone in its colour, the value written on the bar."""
+    xs = np.arange(len(labels))
+    ax.bar(xs, values, color=[styles.colour(lb) for lb in labels])
+    ax.set_xticks(xs, labels, rotation=20, ha="right")
+    for x, v in zip(xs, values, strict=True):
+        ax.annotate(fmt.format(v), (x, v), ha="center", va="bottom", fontsize=8)
+
+
+def heatmap(ax: plt.Axes, grid: np.ndarray, xticks: Sequence[Any], yticks: Sequence[Any],
+            xlabel: str, ylabel: str, title: str, vmin: float = 0.0,
+            vmax: float = 1.0) -> Any:
+    """A value grid (rows = y, columns = x) with every cell's value written in it; empty cells
+    (NaN: not measured) stay white so they cannot be read as zero."""
+    masked = np.ma.masked_invalid(grid)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    image = ax.imshow(masked, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(xticks)), [str(t) for t in xticks])
+    ax.set_yticks(range(len(yticks)), [str(t) for t in yticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < (vmin + vmax) / 2 else "black")
+    return image
