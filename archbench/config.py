@@ -138,8 +138,8 @@ class ArchConfig:
 @dataclass
 class SizeConfig:
     name: str = "tiny"
-    target: float = 1.0e6
-    metric: str = "non_embedding"
+    target: float = 2.0e6
+    metric: str = "active"
     tolerance: float = 0.05
     flops_seq_len: int = 2048  # context at which a FLOPs-per-token target is measured
 

@@ -152,12 +152,51 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
         got = measure(arch, arch.d_model, arch.n_layers, vocab_size, metric, context)
         return arch, SizeFit(metric, target, got, arch.d_model, arch.n_layers, solved=False)
     size_of = _Measurer(arch, vocab_size, metric, context)
-    step = int(arch.width_multiple)
     unit = _depth_unit(arch)
+    divisor = _width_divisor(arch)
     best: tuple[float, int, int, float] | None = None
+    step = int(arch.width_multiple)
+    while step >= max(8, divisor) and step % divisor == 0:
+        found = _best_shape(size_of, target, size.tolerance, step, unit, arch.aspect)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+        if best is not None and best[0] <= math.log(2):  # within 2x of the preferred aspect
+            break
+        step //= 2  # finer widths only when the coarse grid cannot give a sensible shape
+    if best is None:
+        raise ConfigError(
+            f"size.target={target:g} ({metric}) cannot be met within size.tolerance="
+            f"{size.tolerance} for arch.name={arch.name!r} (widths in steps of "
+            f"{arch.width_multiple} down to {max(8, divisor)}, depth in steps of {unit}); "
+            "loosen size.tolerance or set arch.d_model and arch.n_layers"
+        )
+    _, width, depth, got = best
+    arch.d_model, arch.n_layers = width, depth
+    return arch, SizeFit(metric, target, got, width, depth, solved=True)
+
+
+def _width_divisor(arch: Any) -> int:
+    """The smallest width step every mixer of the pattern accepts (whole heads)."""
+    mixers = set(expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS))
+    divisor = 1
+    if "attention" in mixers and arch.attention.n_heads is None:
+        divisor = math.lcm(divisor, int(arch.attention.head_dim))
+    if "rwkv7" in mixers:
+        divisor = math.lcm(divisor, int(arch.rwkv7.head_size))
+    if "mamba2" in mixers:
+        per_head = int(arch.mamba2.head_dim) // math.gcd(int(arch.mamba2.head_dim),
+                                                         int(arch.mamba2.expand))
+        divisor = math.lcm(divisor, per_head)
+    return divisor
+
+
+def _best_shape(size_of: Any, target: float, tolerance: float, step: int, unit: int,
+                aspect: float) -> tuple[float, int, int, float] | None:
+    """(aspect score, width, depth, size) of the in-tolerance shape nearest the aspect ratio."""
+    best = None
     for n_layers in range(unit, MAX_LAYERS + 1, unit):
         lo, hi = 1, MAX_WIDTH // step
-        if size_of(lo * step, n_layers) > target * (1 + size.tolerance):
+        if size_of(lo * step, n_layers) > target * (1 + tolerance):
             break  # deeper models only get bigger
         while lo < hi:  # smallest width whose size reaches the target
             mid = (lo + hi) // 2
@@ -167,19 +206,11 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
                 hi = mid
         for width in {max(1, lo - 1) * step, lo * step}:
             got = size_of(width, n_layers)
-            if abs(got / target - 1) <= size.tolerance:
-                score = abs(math.log(width / n_layers / arch.aspect))
+            if abs(got / target - 1) <= tolerance:
+                score = abs(math.log(width / n_layers / aspect))
                 if best is None or score < best[0]:
                     best = (score, width, n_layers, got)
-    if best is None:
-        raise ConfigError(
-            f"size.target={target:g} ({metric}) cannot be met within size.tolerance="
-            f"{size.tolerance} for arch.name={arch.name!r} with arch.width_multiple={step}; "
-            "lower arch.width_multiple, loosen the tolerance, or set arch.d_model/arch.n_layers"
-        )
-    _, width, depth, got = best
-    arch.d_model, arch.n_layers = width, depth
-    return arch, SizeFit(metric, target, got, width, depth, solved=True)
+    return best
 
 
 def build_model(arch: Any, size: Any, vocab_size: int) -> tuple[LanguageModel, SizeFit]:

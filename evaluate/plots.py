@@ -74,16 +74,17 @@ def spans_decades(values: Iterable[float], ratio: float = 20.0) -> bool:
     return len(vals) > 1 and max(vals) / min(vals) >= ratio
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.4,
-               height: float = 4.2) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2,
+               extra_width: float = 0.0) -> tuple[plt.Figure, np.ndarray]:
+    """Panels of a fixed size; constrained layout keeps labels, legends and colour bars inside."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + extra_width, height * nrows),
+                             squeeze=False, layout="constrained")
     return fig, axes.ravel()
 
 
 def finish(fig: plt.Figure, path: Path, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

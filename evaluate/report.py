@@ -609,7 +609,8 @@ def _passkey(rep: Report) -> None:
     labels = rep.labels.ordered(cells)
     lengths = sorted({k[0] for c in cells.values() for k in c})
     depths = sorted({k[1] for c in cells.values() for k in c})
-    fig, axes = plots.new_figure(ncols=len(labels), width=3.6, height=3.6)
+    fig, axes = plots.new_figure(ncols=len(labels), width=3.4, height=3.4,
+                                 extra_width=max(1.2, 5.5 - 3.4 * len(labels)))
     image = None
     for ax, label in zip(axes, labels, strict=True):
         grid = np.full((len(depths), len(lengths)), np.nan)
@@ -619,8 +620,8 @@ def _passkey(rep: Report) -> None:
                               "needle depth (0 = start)", label)
         ax.title.set_color(rep.styles.colour(label))
     if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label=f"passkey {metric}")
-    rep.figure(fig, "passkey_heatmap.png", f"Passkey retrieval ({metric}) by length and depth")
+        fig.colorbar(image, ax=list(axes), shrink=0.9, label=f"passkey {metric}")
+    rep.figure(fig, "passkey_heatmap.png", f"Passkey retrieval ({metric})")
 
 
 def _induction(rep: Report) -> None:

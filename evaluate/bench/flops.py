@@ -35,7 +35,9 @@ def decode_flops(model: Any, batch: int, prompt: int, new_tokens: int) -> float:
                              for i in range(new_tokens)))
 
 
-def step_flops(model: Any, mode: str, batch: int, context: int, new_tokens: int = 0) -> float | None:
+def step_flops(
+    model: Any, mode: str, batch: int, context: int, new_tokens: int = 0
+) -> float | None:
     """FLOPs of one timed unit of `mode` (None for modes that are not timed)."""
     if mode == "train":
         return train_flops(model, batch, context)

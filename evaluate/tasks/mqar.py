@@ -29,6 +29,11 @@ ZOOLOGY_FIGURE2 = {
 }
 
 
+# num_kv_pairs="zoology" picks the figure-2 pairing for seq_len, so a sweep over seq_len alone
+# walks the figure-2 cells (Hydra's basic sweeper only forms products).
+ZOOLOGY_PAIRS = {64: 4, 128: 8, 256: 16, 512: 64}
+
+
 class MQAR(Task):
     name = "mqar"
     defaults: ClassVar[dict[str, Any]] = {
@@ -39,6 +44,11 @@ class MQAR(Task):
 
     def check(self) -> None:
         p = self.params
+        if p["num_kv_pairs"] == "zoology":
+            if int(p["seq_len"]) not in ZOOLOGY_PAIRS:
+                raise ValueError(f"mqar: num_kv_pairs=zoology is defined for seq_len in "
+                                 f"{sorted(ZOOLOGY_PAIRS)}, not {p['seq_len']}")
+            p["num_kv_pairs"] = ZOOLOGY_PAIRS[int(p["seq_len"])]
         vocab, length, pairs = int(p["vocab_size"]), int(p["seq_len"]), int(p["num_kv_pairs"])
         if length % 2:
             raise ValueError(f"mqar: seq_len={length} must be even (pairs and queries are "

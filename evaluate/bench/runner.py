@@ -1,0 +1,419 @@
+"""`archbench bench`: speed and memory of one backbone at one size, across contexts and batches.
+
+`run_bench(cfg)` takes the resolved config (arch, size, tokenizer, bench, train) and, for every
+batch in bench.batch_sizes, every mode in bench.modes and every context in bench.contexts
+(ascending), runs one measurement -- in a fresh process when bench.isolate -- and appends one
+record to `<out>/records.jsonl`; `<out>/bench.csv` is rewritten from those records at the end.
+With bench.peers the same measurement is repeated on the peer library model (evaluate/bench/
+peers.py) in its own fresh process and attached as `peer`. With bench.max_context (or the mode
+"max_context" in bench.modes) the largest prefill and training contexts that fit are searched.
+Once a mode runs out of memory at a context, its larger contexts are recorded as "oom" without
+running (the note says so). Any failure is a record and the sweep goes on. Hydra's `-m` sweeps
+arch x size x dtype (and lists of contexts / batches) over separate runs.
+
+Record fields (one JSON object per line; every key is present in every record, None where it
+does not apply to the mode; the CSV holds the scalar ones):
+
+  kind              "bench"
+  mode              train | prefill | decode | memory | max_context
+  arch, size        config names (cfg.arch.name, cfg.size.name); d_model, n_layers: solved shape;
+                    size_fit: the size solver's fit (metric, target, achieved, error)
+  context           tokens: train sequence length, prefill prompt length, decode prompt length
+                    (the G new tokens come after it), memory cache length, or for max_context the
+                    largest length that fit (None when even the first probe failed)
+  batch             sequences per step
+  dtype             fp32 | bf16 | fp16. train: fp32 weights + autocast (as the trainer);
+                    prefill / decode / memory: weights and cache cast to dtype
+  device            "cpu" | "cuda:0" ...; device_name: GPU model name (None on CPU)
+  status            ok | oom | error | timeout ("timeout": no result within bench.timeout_s)
+  error             the exception (type: message) when not ok, else None
+  notes             list of strings: skipped peers, budgets, inferred OOMs, graph checks
+  median_s          median seconds of one timed unit: a training step; a prefill (fresh cache +
+                    prompt); decode: all G new tokens. None for memory / max_context
+  spread            {"q1", "q3", "iqr", "min", "max", "n"} of the timed repeats, seconds
+  tokens_per_s      train, prefill: batch * context / median_s; decode: batch * G / median_s
+  per_token_s       decode only: median_s / G (latency of one decoding step)
+  new_tokens        decode only: G (bench.decode_tokens)
+  flops             analytic FLOPs of one timed unit (evaluate/bench/flops.py)
+  tflops            flops / median_s / 1e12 (achieved)
+  mfu               tflops / peak_tflops on a GPU in the peak table; None on CPU or unknown GPU
+  peak_tflops, peak_source   the peak used for mfu and where it comes from
+  peak_bytes        CUDA: max allocated bytes during the measurement (model construction,
+                    optimizer state, activations, cache included); CPU: peak RSS (VmHWM) of the
+                    measuring process, torch's own footprint included (see baseline_bytes)
+  baseline_bytes    CUDA: allocated bytes before the model was built; CPU: RSS before it
+  peak_kind         cuda_max_allocated | rss_hwm | ru_maxrss
+  state_bytes_measured   prefill / decode / memory: bytes held by the decoding cache
+                    (ModelCache.nbytes(), buffers as allocated: decode preallocates L + G)
+  state_bytes_analytic   model.cache_bytes(batch, same length, dtype)
+  weight_bytes      bytes of the weights in the precision they are held in for this mode
+  first_call_s      host seconds of the very first call (lazy init, allocator growth, autotune;
+                    for decode with CUDA graphs, the capture time is added), kept out of median_s
+  cuda_graphs       decode: True when timed through CUDA graphs that were checked exact against
+                    eager decoding in this very run; False otherwise (cuda_graphs_note says why);
+                    None for other modes. eager_median_s / eager_tokens_per_s: the eager decode
+                    timing (always measured; the peer ratio of decode uses it)
+  graph_capture_s   decode with graphs: seconds to warm up and capture the G graphs
+  kernel_paths      {"attention": "sdpa", "mamba": "torch:chunked", ...} as resolved
+  params            model.param_counts(): total, embedding, non_embedding, active,
+                    active_non_embedding
+  threads           torch CPU threads of the measurement (None on CUDA)
+  isolated          True when measured in a fresh process
+  probe             max_context only: "prefill" | "train"; probes: [{"context", "status",
+                    "peak_bytes", "error"}] in the order tried; first_failed_context;
+                    limit: bench.max_context_limit; rss_budget_bytes (CPU)
+  peer              None (no peer asked, none exists, or not installed: see notes), or
+                    {"name", "status", "tokens_per_s", "median_s", "per_token_s", "ratio",
+                    "ratio_basis", "peak_bytes", "first_call_s", "params_total", "error"};
+                    ratio = our tokens_per_s / the peer's (> 1: ours is faster); ratio_basis
+                    "eager" for decode (our eager decoding against the peer's eager decoding)
+  provenance        archbench.provenance.provenance(device): git, versions, device, command
+  config            the resolved config
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from archbench.config import ConfigError, to_container, validate
+from archbench.io import append_jsonl, read_jsonl, write_text_atomic
+from archbench.provenance import provenance
+
+MODES = ("train", "prefill", "decode", "memory")
+PEER_MODES = ("train", "prefill", "decode")
+
+RECORD_KEYS = (
+    "kind", "mode", "arch", "size", "d_model", "n_layers", "size_fit", "context", "batch",
+    "dtype", "device", "device_name", "status", "error", "notes", "median_s", "spread",
+    "tokens_per_s", "per_token_s", "new_tokens", "flops", "tflops", "mfu", "peak_tflops",
+    "peak_source", "peak_bytes", "baseline_bytes", "peak_kind", "state_bytes_measured",
+    "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "cuda_graphs_note",
+    "eager_median_s", "eager_tokens_per_s", "graph_capture_s", "kernel_paths", "params",
+    "threads", "isolated", "probe", "probes", "first_failed_context", "limit",
+    "rss_budget_bytes", "peer", "provenance", "config",
+)
+
+CSV_COLUMNS = (
+    "mode", "arch", "size", "context", "batch", "dtype", "device", "device_name", "status",
+    "median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "repeats", "tokens_per_s",
+    "per_token_s", "tflops", "mfu", "peak_bytes", "baseline_bytes", "state_bytes_measured",
+    "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "params_total",
+    "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
+    "peer_ratio", "probe", "error", "notes",
+)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"bench.device={name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def vocab_size_of(tok_cfg: Any) -> tuple[int, str | None]:
+    """The vocabulary size (all a benchmark needs of the tokenizer), and a note if inferred."""
+    if tok_cfg.kind == "bpe":  # training it would need the corpus; its size is in the config
+        return int(tok_cfg.vocab_size), "BPE tokenizer: vocab size taken from tokenizer.vocab_size"
+    from archbench.train.tokenizer import build_tokenizer
+
+    return build_tokenizer(tok_cfg).vocab_size, None
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _check_bench(bench: Any) -> list[str]:
+    modes = list(bench.modes)
+    for mode in modes:
+        if mode not in (*MODES, "max_context"):
+            raise ConfigError(f"bench.modes: {mode!r} is not allowed; choose from "
+                              f"{[*MODES, 'max_context']}")
+    for key in ("contexts", "batch_sizes"):
+        values = list(bench[key])
+        if not values or any(int(v) < 1 for v in values):
+            raise ConfigError(f"bench.{key}={values} must be a non-empty list of integers >= 1")
+    for key in ("warmup", "decode_tokens", "max_context_step"):
+        if int(bench[key]) < (1 if key != "warmup" else 0):
+            raise ConfigError(f"bench.{key}={bench[key]} is too small")
+    if int(bench.repeats) < 1:
+        raise ConfigError(f"bench.repeats={bench.repeats} must be >= 1")
+    return modes
+
+
+class Bench:
+    """The state of one `run_bench` call: config, device, shapes, where records go."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+        from archbench.archs.sizing import solve_size
+
+        self.cfg, self.out_dir = cfg, out_dir
+        self.bench = cfg.bench
+        self.modes = _check_bench(self.bench)
+        self.device = pick_device(self.bench.device)
+        self.dtype = pick_dtype(self.bench.dtype, self.device)
+        self.vocab_size, vocab_note = vocab_size_of(cfg.tokenizer)
+        self.arch, self.fit = solve_size(cfg.arch, cfg.size, self.vocab_size)
+        self.notes = [vocab_note] if vocab_note else []
+        self.provenance = provenance(self.device)
+        self.config = to_container(cfg)
+        self.records: list[dict[str, Any]] = []
+        self.isolate = bool(self.bench.isolate)
+        budget = self.bench.rss_budget_gb
+        self.rss_budget = int(float(budget) * 2**30) if budget else None
+
+    # ---- tasks ---------------------------------------------------------------------------------
+    def task(self, mode: str, context: int, batch: int, which: str = "ours",
+             rss_budget: int | None = None) -> dict[str, Any]:
+        return {
+            "which": which, "mode": mode, "context": int(context), "batch": int(batch),
+            "arch": OmegaConf.to_container(self.arch, resolve=True),
+            "vocab_size": self.vocab_size, "dtype": self.dtype, "device": str(self.device),
+            "bench": OmegaConf.to_container(self.bench, resolve=True),
+            "train": OmegaConf.to_container(self.cfg.train, resolve=True),
+            "seed": int(self.cfg.train.seed), "rss_budget_bytes": rss_budget or self.rss_budget,
+        }
+
+    def measure(self, task: dict[str, Any]) -> dict[str, Any]:
+        from archbench.evaluate.bench import worker
+
+        if self.isolate:
+            result = worker.run_isolated(task, float(self.bench.timeout_s),
+                                         preload_peers=bool(self.bench.peers))
+        else:
+            result = worker.execute(task)
+        result["isolated"] = self.isolate
+        return result
+
+    # ---- records -------------------------------------------------------------------------------
+    def record(self, mode: str, context: int | None, batch: int, result: dict[str, Any],
+               peer: dict[str, Any] | None = None) -> dict[str, Any]:
+        rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+        rec.update({k: v for k, v in result.items() if k in RECORD_KEYS})
+        rec.update(
+            kind="bench", mode=mode, arch=self.cfg.arch.name, size=self.cfg.size.name,
+            d_model=int(self.arch.d_model), n_layers=int(self.arch.n_layers),
+            size_fit=self.fit.as_dict(), context=context, batch=batch, dtype=self.dtype,
+            device=str(self.device), notes=[*self.notes, *result.get("notes", [])],
+            device_name=(torch.cuda.get_device_name(self.device)
+                         if self.device.type == "cuda" else None),
+            peer=peer, provenance=self.provenance, config=self.config,
+        )
+        if "traceback" in result and rec["status"] == "error":
+            rec["notes"].append(result["traceback"])
+        append_jsonl(self.out_dir / "records.jsonl", rec)
+        self.records.append(rec)
+        return rec
+
+    def peer_of(self, mode: str, context: int, batch: int,
+                ours: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+        result = self.measure(self.task(mode, context, batch, which="peer"))
+        if result["status"] == "skipped":
+            return None, [n for n in result.get("notes", []) if n]
+        mine = ours.get("eager_tokens_per_s") if mode == "decode" else ours.get("tokens_per_s")
+        theirs = result.get("tokens_per_s") if result["status"] == "ok" else None
+        peer = {
+            "name": result.get("peer_name"), "status": result["status"],
+            "tokens_per_s": theirs, "median_s": result.get("median_s"),
+            "per_token_s": result.get("per_token_s"),
+            "ratio": mine / theirs if (mine and theirs) else None,
+            "ratio_basis": "eager" if mode == "decode" else "same",
+            "peak_bytes": result.get("peak_bytes"), "first_call_s": result.get("first_call_s"),
+            "params_total": (result.get("params") or {}).get("total"),
+            "error": result.get("error"),
+        }
+        notes = [f"peer: {n}" for n in result.get("notes", []) if n]
+        return peer, notes
+
+    # ---- the sweep -----------------------------------------------------------------------------
+    def run_modes(self) -> None:
+        contexts = sorted({int(c) for c in self.bench.contexts})
+        for batch in [int(b) for b in self.bench.batch_sizes]:
+            for mode in (m for m in self.modes if m in MODES):
+                failed_at: int | None = None
+                for context in contexts:
+                    if failed_at is not None:
+                        self.record(mode, context, batch, {
+                            "status": "oom", "error": f"not run: {mode} ran out of memory at "
+                            f"context {failed_at}", "notes": [
+                                f"inferred from the OOM at context {failed_at}"]})
+                        continue
+                    result = self.measure(self.task(mode, context, batch))
+                    peer = None
+                    if self.bench.peers and mode in PEER_MODES and result["status"] == "ok":
+                        peer, notes = self.peer_of(mode, context, batch, result)
+                        result.setdefault("notes", []).extend(notes)
+                    elif self.bench.peers and mode not in PEER_MODES:
+                        result.setdefault("notes", []).append(f"no peer measurement in {mode} mode")
+                    self.record(mode, context, batch, result, peer)
+                    if result["status"] == "oom":
+                        failed_at = context
+                    _progress(self.records[-1])
+
+    def run_max_context(self) -> None:
+        from archbench.evaluate.bench.memory import available_bytes
+
+        limit = int(self.bench.max_context_limit)
+        start = min(min(int(c) for c in self.bench.contexts), limit)
+        budget = self.rss_budget
+        notes = []
+        if self.device.type == "cpu" and budget is None:
+            free = available_bytes()
+            if free:
+                budget = free // 2
+                notes.append(f"CPU: RSS budget of half the available memory, {budget / 2**30:.2f}"
+                             " GiB (set bench.rss_budget_gb)")
+        for batch in [int(b) for b in self.bench.batch_sizes]:
+            for probe in ("prefill", "train"):
+                best, probes, first_failed = search_max_context(
+                    lambda n, p=probe, b=batch: self.measure(
+                        self.task(f"probe_{p}", n, b, rss_budget=budget)),
+                    start, limit, int(self.bench.max_context_step))
+                last = probes[-1] if probes else {}
+                found = next((p for p in probes if p["context"] == best), {})
+                result = {
+                    "status": "ok" if best is not None else last.get("status", "error"),
+                    "error": None if best is not None else last.get("error"),
+                    "notes": list(notes), "probe": probe,
+                    "probes": [{k: p.get(k) for k in ("context", "status", "peak_bytes", "error")}
+                               for p in probes],
+                    "first_failed_context": first_failed, "limit": limit,
+                    "rss_budget_bytes": budget if self.device.type == "cpu" else None,
+                    **{k: found.get(k) for k in ("peak_bytes", "baseline_bytes", "peak_kind",
+                                                 "params", "kernel_paths", "weight_bytes",
+                                                 "state_bytes_measured",
+                                                 "state_bytes_analytic", "threads")},
+                }
+                if best == limit:
+                    result["notes"].append("bounded by bench.max_context_limit")
+                errors = [p for p in probes if p["status"] == "error"]
+                if errors:
+                    result["notes"].append(f"a probe failed with an error: {errors[0]['error']}")
+                self.record("max_context", best, batch, result)
+                _progress(self.records[-1])
+
+
+def search_max_context(probe: Any, start: int, limit: int, step: int
+                       ) -> tuple[int | None, list[dict[str, Any]], int | None]:
+    """Largest length in [start, limit] that fits: doubling, then bisection to `step` tokens.
+
+    `probe(length)` returns a result dict with a status; "ok" fits, "oom" and "timeout" do not,
+    "error" stops the search (an error is not a memory limit). Returns (best or None, the probe
+    results in order, each with its "context", the smallest failing length or None).
+    """
+    probes: list[dict[str, Any]] = []
+
+    def fits(length: int) -> str:
+        result = probe(length)
+        probes.append({**result, "context": length})
+        return result["status"]
+
+    good: int | None = None
+    bad: int | None = None
+    length = start
+    while True:
+        status = fits(length)
+        if status == "ok":
+            good = length
+            if length >= limit:
+                break
+            length = min(2 * length, limit)
+        elif status == "error":
+            return good, probes, None
+        else:
+            bad = length
+            break
+    if good is not None and bad is not None:
+        while bad - good > step:
+            mid = (good + bad) // 2 // step * step
+            if mid <= good:
+                mid = good + step
+            if mid >= bad:
+                break
+            status = fits(mid)
+            if status == "ok":
+                good = mid
+            elif status == "error":
+                break
+            else:
+                bad = mid
+    return good, probes, bad
+
+
+def _progress(rec: dict[str, Any]) -> None:
+    speed = f"{rec['tokens_per_s']:.0f} tok/s" if rec.get("tokens_per_s") else ""
+    peer = rec.get("peer") or {}
+    ratio = f" ratio vs {peer['name']}: {peer['ratio']:.2f}" if peer.get("ratio") else ""
+    print(f"[bench] {rec['arch']}/{rec['size']} {rec['mode']:<11} ctx={rec['context']} "
+          f"batch={rec['batch']} {rec['dtype']}: {rec['status']} {speed}{ratio}", flush=True)
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+
+
+def csv_row(rec: dict[str, Any]) -> dict[str, Any]:
+    spread = rec.get("spread") or {}
+    params = rec.get("params") or {}
+    peer = rec.get("peer") or {}
+    row = {k: rec.get(k) for k in CSV_COLUMNS if k in rec}
+    row.update(
+        q1_s=spread.get("q1"), q3_s=spread.get("q3"), iqr_s=spread.get("iqr"),
+        min_s=spread.get("min"), max_s=spread.get("max"), repeats=spread.get("n"),
+        params_total=params.get("total"),
+        params_active_non_embedding=params.get("active_non_embedding"),
+        kernel_paths=json.dumps(rec.get("kernel_paths"), sort_keys=True)
+        if rec.get("kernel_paths") else None,
+        peer_name=peer.get("name"), peer_tokens_per_s=peer.get("tokens_per_s"),
+        peer_ratio=peer.get("ratio"),
+        notes=" | ".join(n.splitlines()[0] for n in rec.get("notes") or [] if n),
+    )
+    return row
+
+
+def write_csv(out_dir: Path) -> Path:
+    """bench.csv from every bench record of records.jsonl (so appended runs stay complete)."""
+    records = [r for r in read_jsonl(out_dir / "records.jsonl") if r.get("kind") == "bench"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow(csv_row(rec))
+    path = out_dir / "bench.csv"
+    write_text_atomic(path, buf.getvalue())
+    return path
+
+
+def run_bench(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the benchmark of `cfg` and return its records (also in records.jsonl / bench.csv)."""
+    validate(cfg)
+    out_dir = _output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(cfg, out_dir)
+    bench.run_modes()
+    if bench.bench.max_context or "max_context" in bench.modes:
+        bench.run_max_context()
+    if bench.records:
+        path = write_csv(out_dir)
+        print(f"[bench] {len(bench.records)} records -> {out_dir / 'records.jsonl'}, {path}")
+    return bench.records

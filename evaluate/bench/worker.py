@@ -1,0 +1,426 @@
+"""One measurement: build a model, run one mode, report timings, memory and accounting.
+
+A task is a plain dict (it crosses a process boundary): which model ("ours" or "peer"), the
+resolved arch (d_model and n_layers filled), vocabulary, mode, context, batch, dtype, device and
+the bench / train settings. `execute` runs it in the calling process; `run_isolated` runs it in a
+fresh process forked from a server that has torch and archbench imported (multiprocessing's
+forkserver), so a crash, a leak or an out-of-memory cannot poison the next measurement and the
+peak RSS belongs to this measurement alone. The child reports its accounting as soon as the
+model is built, then the result: if it is killed (the kernel's OOM killer sends SIGKILL), what it
+had reported survives.
+
+Modes (ours): train (forward + loss + backward + grad clip + AdamW step, fp32 weights with
+autocast for bf16/fp16, as the trainer), prefill (a fresh cache, then the prompt; the head runs on
+the last position only, as generation does), decode (prefill untimed, then G single-token steps
+from a restored snapshot each repeat; CUDA graphs on CUDA when they check out exact), memory
+(cache after a prefill of L: measured and analytic bytes, no timing), probe_prefill and
+probe_train (one untimed step, for the max-context search). Peers run train, prefill and decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archbench.evaluate.bench.devices import utilisation
+from archbench.evaluate.bench.flops import step_flops
+from archbench.evaluate.bench.measure import (
+    Timing,
+    is_oom,
+    restore_cache,
+    snapshot_cache,
+    time_step,
+)
+from archbench.evaluate.bench.memory import PeakMemory, limit_data
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAPH_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
+
+# Imported here so that the forkserver (which preloads this module) holds them already; a mixer
+# module that does not import is reported by the measurement that needs it, not here.
+for _name in ("attention", "mlp", "mamba", "rwkv"):
+    with contextlib.suppress(Exception):
+        __import__(f"archbench.archs.{_name}")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+class _LastPosition(nn.Module):
+    """The LM head applied to the last position only (what generation reads after a prefill)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, -1:])
+
+
+@contextlib.contextmanager
+def last_logits_only(model: Any) -> Iterator[None]:
+    head = model.lm_head
+    model.lm_head = _LastPosition(head)
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
+def _tokens(vocab: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+def _timing_fields(timing: Timing, tokens: int, flops: float | None, device: torch.device,
+                   dtype: str) -> dict[str, Any]:
+    median = timing.median
+    tflops = flops / median / 1e12 if flops is not None and median > 0 else None
+    return {"median_s": median, "spread": timing.spread(), "first_call_s": timing.first_call_s,
+            "tokens_per_s": tokens / median if median > 0 else None, "tflops": tflops,
+            "flops": flops, **utilisation(tflops, device, dtype)}
+
+
+def _bench(task: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**task["bench"])
+
+
+def _time(task: dict[str, Any], device: torch.device, step: Callable[[], Any],
+          setup: Callable[[], Any] | None = None) -> Timing:
+    b = _bench(task)
+    return time_step(step, device, warmup=b.warmup, repeats=b.repeats, min_seconds=b.min_seconds,
+                     max_repeats=b.max_repeats, setup=setup)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def _train_step(
+    task: dict[str, Any], module: nn.Module, logits_fn: Callable[[torch.Tensor, dict], Any],
+    device: torch.device,
+) -> Callable[[], None]:
+    from archbench.train.optim import build_optimizer
+
+    tcfg = SimpleNamespace(**task["train"])
+    optimizer = build_optimizer(module, tcfg)
+    batch, length = task["batch"], task["context"]
+    tokens = _tokens(task["vocab_size"], batch, length + 1, task["seed"], device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    amp = DTYPES[task["dtype"]] if task["dtype"] != "fp32" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    module.train()
+
+    def step() -> None:
+        ctx: dict[str, Any] = {}
+        with autocast():
+            logits = logits_fn(inputs, ctx)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            aux = ctx.get("aux_losses") or {}
+            total = loss + sum(aux.values()) if aux else loss
+        total.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _train(task: dict[str, Any], module: nn.Module, logits_fn: Callable, device: torch.device,
+           flops_model: Any) -> dict[str, Any]:
+    step = _train_step(task, module, logits_fn, device)
+    timing = _time(task, device, step)
+    batch, context = task["batch"], task["context"]
+    flops = step_flops(flops_model, "train", batch, context)
+    return _timing_fields(timing, batch * context, flops, device, task["dtype"])
+
+
+# ---- ours -------------------------------------------------------------------------------------
+
+
+def ours_train(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return _train(task, model, lambda x, ctx: model(x, ctx=ctx), device, model)
+
+
+def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
+    tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    held: dict[str, Any] = {}
+
+    def step() -> None:
+        cache = model.init_cache(batch, context, device, dtype)
+        with last_logits_only(model):
+            model(tokens, cache)
+        held["cache"] = cache
+
+    with torch.inference_mode():
+        timing = _time(task, device, step, setup=held.clear)
+    flops = step_flops(model, "prefill", batch, context)
+    return {**_timing_fields(timing, batch * context, flops, device, task["dtype"]),
+            "state_bytes_measured": held["cache"].nbytes(),
+            "state_bytes_analytic": model.cache_bytes(batch, context, dtype)}
+
+
+def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from archbench.evaluate.bench.graphs import graph_decoder_or_reason
+
+    bench = _bench(task)
+    batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
+    new = int(bench.decode_tokens)
+    prompt = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
+    out: dict[str, Any] = {"new_tokens": new}
+    with torch.inference_mode():
+        cache = model.init_cache(batch, context + new, device, dtype)
+        with last_logits_only(model):
+            model(prompt, cache)
+        saved = snapshot_cache(cache)
+
+        def eager_step() -> None:
+            for i in range(new):
+                model(steps[:, i : i + 1], cache)
+
+        timing = _time(task, device, eager_step, setup=lambda: restore_cache(cache, saved))
+        eager = timing
+        if device.type == "cuda" and bench.cuda_graphs:
+            decoder, info = graph_decoder_or_reason(model, cache, saved, steps,
+                                                    GRAPH_TOLERANCE[task["dtype"]], bench.warmup)
+            out.update(info)
+            if decoder is not None:
+                timing = _time(task, device, decoder.step, setup=decoder.setup)
+                timing.first_call_s += decoder.capture_s
+        else:
+            out["cuda_graphs"] = False
+            out["cuda_graphs_note"] = ("not on CUDA" if device.type != "cuda"
+                                       else "bench.cuda_graphs=false")
+        measured = cache.nbytes()
+    flops = step_flops(model, "decode", batch, context, new)
+    out.update(_timing_fields(timing, batch * new, flops, device, task["dtype"]))
+    out.update(per_token_s=timing.median / new, eager_median_s=eager.median,
+               eager_tokens_per_s=batch * new / eager.median,
+               state_bytes_measured=measured,
+               state_bytes_analytic=model.cache_bytes(batch, context + new, dtype))
+    return out
+
+
+def ours_memory(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
+    tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    with torch.inference_mode():
+        cache = model.init_cache(batch, context, device, dtype)
+        with last_logits_only(model):
+            model(tokens, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {"state_bytes_measured": cache.nbytes(),
+                "state_bytes_analytic": model.cache_bytes(batch, context, dtype)}
+
+
+def ours_probe_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return ours_memory(model, task, device)
+
+
+def ours_probe_train(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    _train_step(task, model, lambda x, ctx: model(x, ctx=ctx), device)()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {}
+
+
+OURS_MODES: dict[str, Callable[[Any, dict[str, Any], torch.device], dict[str, Any]]] = {
+    "train": ours_train, "prefill": ours_prefill, "decode": ours_decode, "memory": ours_memory,
+    "probe_prefill": ours_probe_prefill, "probe_train": ours_probe_train,
+}
+INFERENCE_MODES = ("prefill", "decode", "memory", "probe_prefill")
+
+
+# ---- peers ------------------------------------------------------------------------------------
+
+
+def peer_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    mode, batch, context = task["mode"], task["batch"], task["context"]
+    if mode == "train":
+        return _train(task, peer.module, lambda x, ctx: peer.logits(x), device, ours)
+    tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    peer.module.eval()
+    with torch.inference_mode():
+        if mode == "prefill":
+            held: dict[str, Any] = {}
+
+            def step() -> None:
+                held["cache"] = peer.prefill(tokens)
+
+            timing = _time(task, device, step, setup=held.clear)
+            flops = step_flops(ours, "prefill", batch, context)
+            return _timing_fields(timing, batch * context, flops, device, task["dtype"])
+        if mode == "decode":
+            new = int(task["bench"]["decode_tokens"])
+            steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
+            setup, step = peer.decode(tokens, steps)
+            timing = _time(task, device, step, setup=setup)
+            flops = step_flops(ours, "decode", batch, context, new)
+            return {**_timing_fields(timing, batch * new, flops, device, task["dtype"]),
+                    "per_token_s": timing.median / new, "new_tokens": new}
+    raise ValueError(f"mode {mode!r} has no peer measurement")
+
+
+# ---- one measurement --------------------------------------------------------------------------
+
+
+def _build_ours(task: dict[str, Any], device: torch.device, meta: bool) -> Any:
+    from archbench.archs.model import LanguageModel, resolve_kernels
+
+    torch.manual_seed(task["seed"])
+    if meta:
+        with torch.device("meta"):
+            return LanguageModel(task["arch"], task["vocab_size"])
+    model = LanguageModel(task["arch"], task["vocab_size"])
+    resolve_kernels(model, device)
+    model.to(device)
+    if task["mode"] in INFERENCE_MODES:
+        model.to(DTYPES[task["dtype"]])
+    return model
+
+
+def _describe(model: Any, task: dict[str, Any]) -> dict[str, Any]:
+    weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
+    return {"params": model.param_counts(), "kernel_paths": model.kernel_paths(),
+            "weight_bytes": model.weight_bytes(weights)}
+
+
+def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None = None,
+            isolated: bool = False) -> dict[str, Any]:
+    """Run one task here; the result always comes back (status ok | oom | error | skipped)."""
+    device = torch.device(task["device"])
+    bench = _bench(task)
+    if bench.threads and bench.threads > 0:
+        torch.set_num_threads(int(bench.threads))
+    out: dict[str, Any] = {"status": "error", "error": None, "notes": [],
+                           "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    budget = task.get("rss_budget_bytes")
+    if budget and device.type == "cpu":
+        if isolated:
+            out["notes"].append(limit_data(budget))
+        else:
+            out["notes"].append("rss budget not enforced: it needs bench.isolate=true")
+    memory = PeakMemory(device)
+    memory.reset()
+    model = peer = None
+    try:
+        if task["which"] == "peer":
+            from archbench.evaluate.bench.peers import choose_peer
+
+            model = _build_ours(task, device, meta=True)
+            max_pos = max(2048, task["context"] + int(bench.decode_tokens) + 1)
+            choice = choose_peer(model, device, max_pos)
+            if choice.build is None:
+                out.update(status="skipped", peer_name=None)
+                out["notes"].append(choice.note)
+                return out
+            if choice.note:
+                out["notes"].append(choice.note)
+            weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
+            peer = choice.build(device, weights)
+            out.update(peer_name=peer.name,
+                       params={"total": sum(p.numel() for p in peer.module.parameters())})
+            if send is not None:
+                send(dict(out))
+            out.update(peer_run(peer, model, task, device))
+        else:
+            model = _build_ours(task, device, meta=False)
+            out.update(_describe(model, task))
+            if send is not None:
+                send(dict(out))
+            out.update(OURS_MODES[task["mode"]](model, task, device))
+        out["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - every failure is a result of the sweep
+        out["status"] = "oom" if is_oom(exc) else "error"
+        out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        if out["status"] == "error":
+            out["traceback"] = traceback.format_exc()[-4000:]
+    finally:
+        out.update(memory.read())
+        del model, peer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---- isolation --------------------------------------------------------------------------------
+
+_PRELOAD = ["archbench.evaluate.bench.worker"]
+
+
+def _child(task: dict[str, Any], conn: Any) -> None:
+    try:
+        result = execute(task, send=conn.send, isolated=True)
+        result["final"] = True
+        conn.send(result)
+    finally:
+        conn.close()
+
+
+def _context(preload_peers: bool) -> Any:
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:  # no forkserver on this platform: a spawned process is fresh too
+        return mp.get_context("spawn")
+    modules = list(_PRELOAD)
+    if preload_peers:
+        modules.append("archbench.evaluate.bench.preload_peers")
+    ctx.set_forkserver_preload(modules)  # takes effect when the server first starts
+    return ctx
+
+
+def run_isolated(task: dict[str, Any], timeout_s: float,
+                 preload_peers: bool = False) -> dict[str, Any]:
+    """`execute(task)` in a fresh process; a timeout or a killed child is a result too."""
+    ctx = _context(preload_peers)
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(task, sender), daemon=True)
+    began = time.monotonic()
+    proc.start()
+    sender.close()
+    result: dict[str, Any] = {}
+    timed_out = False
+    while not result.get("final"):
+        left = timeout_s - (time.monotonic() - began)
+        if left <= 0:
+            timed_out = True
+            break
+        try:
+            if receiver.poll(min(left, 1.0)):
+                result.update(receiver.recv())
+            elif not proc.is_alive() and not receiver.poll(0):
+                break
+        except (EOFError, OSError):
+            break
+    if proc.is_alive():
+        proc.kill()
+    proc.join(30)
+    receiver.close()
+    if result.get("final"):
+        result.pop("final")
+        return result
+    notes = list(result.get("notes", []))
+    if timed_out:
+        result.update(status="timeout", error=f"no result within bench.timeout_s={timeout_s}s")
+    elif proc.exitcode == -9:
+        result.update(status="oom", error="the measuring process was killed (SIGKILL), most "
+                                          "likely by the kernel's out-of-memory killer")
+    else:
+        result.update(status="error",
+                      error=f"the measuring process died with exit code {proc.exitcode}")
+    result["notes"] = notes
+    return result
