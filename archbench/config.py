@@ -248,6 +248,7 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads in each measurement; 0 keeps torch's default
     max_repeats: int = 1000  # cap on timed repeats when min_seconds asks for more
+    max_seconds: float = 30.0  # slow steps: stop after this long once 3 repeats are timed
     timeout_s: float = 1800.0  # per isolated measurement; a timeout is recorded, the sweep goes on
     rss_budget_gb: float | None = None  # CPU, isolated: data-memory cap per measurement
     max_context_step: int = 128  # resolution of the max-context bisection (tokens)
@@ -276,6 +277,38 @@ class GenerateConfig:
 
 
 @dataclass
+class CompareEvalConfig:
+    """One `archbench eval` call per run of a study: tasks that share these overrides."""
+
+    tasks: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompareStudyConfig:
+    """One training sweep of every backbone (its overrides on top of the experiment's), then
+    the evaluations of each run (evaluate/compare.py)."""
+
+    train: list[str] = field(default_factory=list)
+    evals: list[CompareEvalConfig] = field(default_factory=list)
+
+
+@dataclass
+class CompareConfig:
+    """`archbench compare`: which backbones, which studies, where the runs and report go."""
+
+    backbones: list[str] = field(default_factory=lambda: [
+        "transformer", "gpt2", "mamba", "mamba2", "rwkv7", "jamba"])
+    arch_overrides: dict[str, list[str]] = field(default_factory=dict)  # backbone -> overrides
+    studies: dict[str, CompareStudyConfig] = field(default_factory=dict)
+    bench: bool = True
+    bench_overrides: list[str] = field(default_factory=list)
+    sweep_dir: str = "multirun/compare"
+    out: str = "reports/latest"
+    title: str = "archbench compare"
+
+
+@dataclass
 class RootConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     size: SizeConfig = field(default_factory=SizeConfig)
@@ -286,6 +319,7 @@ class RootConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     ckpt: str | None = None
     prompt: str = ""
     out_dir: str | None = None

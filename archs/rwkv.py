@@ -42,11 +42,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from archbench.archs.base import LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
 from archbench.archs.mlp import hidden_size
-from archbench.archs.model import layer_plan
-from torch import nn
+from archbench.config import MIXER_KINDS, expand_period
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with head_size_divisor = 8
 _CHOICES = {"auto": "auto", "torch": "torch:chunked", "triton": "triton:fla", "cuda": "cuda"}
@@ -97,7 +98,10 @@ class TokenShiftState(LayerState):
 
 
 def _first_rwkv_layer(arch: Any) -> int:
-    return next(i for i, (mixer, _) in enumerate(layer_plan(arch)) if mixer == "rwkv7")
+    """Index of the model's first RWKV-7 layer, from the pattern's period alone (a layer may be
+    built for counting with an arch whose n_layers is shorter than the period)."""
+    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS)
+    return mixers.index("rwkv7")
 
 
 class RWKV7TimeMix(Sublayer):

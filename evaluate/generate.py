@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from archbench.config import ConfigError
 from archbench.evaluate.tasks.base import position_limit
 
 
-class SamplingError(ValueError):
+class SamplingError(ConfigError):
     """An invalid sampling setting, named with its value and what is allowed."""
 
 

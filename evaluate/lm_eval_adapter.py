@@ -92,6 +92,20 @@ class ArchbenchLM(LM):
         if limit is not None and self.max_length > limit:
             raise ValueError(f"max_length={self.max_length} exceeds the model's {limit} positions")
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> ArchbenchLM:
+        """model_args win over the harness's own --device / --batch_size (which it passes too)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> ArchbenchLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     @property
     def eot_token_id(self) -> int:
         return int(self.tokenizer.eos_id)

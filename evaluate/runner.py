@@ -123,7 +123,7 @@ class CheckpointEval:
             value = r["value"] if r["status"] == "ok" else r["status"]
             print(f"{self.ctx.run}: {r['eval']}/{r['metric']} [{where}] = {value}")
 
-    # ---- text -------------------------------------------------------------------------------------
+    # ---- text ------------------------------------------------------------------------------------
     def _token_bytes(self) -> np.ndarray:
         table = self.tokenizer.token_bytes()
         extra = self.model.vocab_size - len(table)

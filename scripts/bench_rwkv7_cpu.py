@@ -18,12 +18,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, wkv7
 from archbench.archs.rwkv import RWKV7TimeMix
-from omegaconf import OmegaConf
 
 
 def time_it(fn: Callable[[], None], warmup: int, repeats: int, min_seconds: float) -> list[float]:
@@ -39,7 +41,7 @@ def time_it(fn: Callable[[], None], warmup: int, repeats: int, min_seconds: floa
 
 
 def layer_step(d_model: int, head_size: int, length: int, path: str, chunk: int) -> Callable:
-    arch = OmegaConf.load(__file__.replace("scripts/bench_rwkv7_cpu.py", "conf/arch/rwkv7.yaml"))
+    arch = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "arch" / "rwkv7.yaml")
     arch.d_model, arch.n_layers = d_model, 2
     arch.rwkv7.head_size, arch.rwkv7.chunk_size = head_size, chunk
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,16 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _torchrun(args: list[str], cwd: Path, cache: Path) -> None:
+    """torchrun in its own session, so that a hang kills its workers too."""
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
-    out = subprocess.run(cmd, cwd=cwd, env=_env(cache), capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
 
 
 def _same_training(run: Path, ref: Path, steps: range) -> None:
@@ -189,9 +196,16 @@ def test_a_slurm_task_is_a_rank(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _worker(jobs: list[tuple[list[str], str]]) -> None:
+    """Several trainings in one process group: gloo is not reliably re-initialised in the same
+    processes (a rank can connect to the previous group's address), so the group is kept."""
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
+    teardown = dist_utils.teardown
+    dist_utils.teardown = lambda ctx: dist.barrier() if ctx.active else None
     for overrides, run_dir in jobs:
         run_training(make_config(*overrides), run_dir)
+    teardown(dist_utils.DistContext(active=True))
 
 
 if __name__ == "__main__":

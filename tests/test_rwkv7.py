@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, wkv7_chunked, wkv7_recurrent
 from archbench.archs.model import LanguageModel, resolve_kernels
 from archbench.archs.rwkv import RWKV7ChannelMix, RWKV7TimeMix, lora_rank
-from omegaconf import OmegaConf
 
 VOCAB = 23
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
 from archbench.archs.kernels.rwkv7 import fla_unavailable, wkv7_chunked, wkv7_fla
 from archbench.archs.model import LanguageModel, resolve_kernels
-from omegaconf import OmegaConf
 
 _REASON = "no CUDA device" if not torch.cuda.is_available() else fla_unavailable(
     torch.device("cuda")

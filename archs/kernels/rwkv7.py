@@ -196,19 +196,22 @@ def wkv7_fla(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash-linear-attention's chunk kernel; its state is [key, value], ours [value, key].
 
-    Inputs go in their own dtype (bf16 in bf16 training, as fla's own RWKV-7 layer does); the
-    kernel keeps its state in fp32. Keywords follow fla's signature, which moved between releases
-    (`w` is the log decay in 0.6; one intermediate release named it `log_w`).
+    Inputs go in the activation dtype (bf16 in bf16 training, as fla's own RWKV-7 layer does);
+    the kernel keeps its state in fp32. Keywords follow fla's signature, which moved between
+    releases (`w` is the log decay in 0.6; one intermediate release named it `log_w`).
     """
     from fla.ops.rwkv7 import chunk_rwkv7
 
     params = inspect.signature(chunk_rwkv7).parameters
     init = None if state is None else state.transpose(-1, -2).float().contiguous()
+    # One dtype for all inputs: r's, the activation dtype (under autocast some of the others,
+    # formed with fp32 parameters, come out in fp32).
+    k, v, a, b, log_w = (x.to(r.dtype).contiguous() for x in (k, v, a, b, log_w))
     kwargs = dict(
-        r=r.contiguous(), k=k.contiguous(), v=v.contiguous(), a=a.contiguous(),
-        b=b.contiguous(), scale=1.0, initial_state=init, output_final_state=True,
+        r=r.contiguous(), k=k, v=v, a=a, b=b, scale=1.0, initial_state=init,
+        output_final_state=True,
     )
-    kwargs["log_w" if "log_w" in params else "w"] = log_w.to(r.dtype).contiguous()
+    kwargs["log_w" if "log_w" in params else "w"] = log_w
     if "lower_bound" in params:  # lets fla use its tensor-core scheme, as its RWKV-7 layer does
         kwargs.update(safe_gate=True, lower_bound=LOG_DECAY_MIN)
     y, final = chunk_rwkv7(**kwargs)

@@ -2,10 +2,11 @@
 
 The first call of a step pays for lazy initialisation, allocator growth, kernel autotuning or
 graph capture; it is timed alone and reported as `first_call_s`, never mixed into the median.
-Then `warmup` untimed calls, then timed calls until both `repeats` and `min_seconds` are met
-(capped by `max_repeats`). On CUDA each timed call is bracketed by CUDA events on the current
-stream (device time, launch gaps included), and the first call by host time with a
-synchronisation on each side.
+Then `warmup` untimed calls, then timed calls until both `repeats` and `min_seconds` are met;
+capped by `max_repeats`, and for slow steps by `max_seconds` once at least 3 calls are timed (a
+128K-token prefill need not run 10 times to have a median and a spread). On CUDA each timed
+call is bracketed by CUDA events on the current stream (device time, launch gaps included), and
+the first call by host time with a synchronisation on each side.
 
 Also here: recognising an out-of-memory error (CUDA or CPU allocator), and saving / restoring a
 decoding cache so that every decode repeat starts from the same prefilled state.
@@ -56,6 +57,7 @@ def time_step(
     repeats: int,
     min_seconds: float,
     max_repeats: int = 1000,
+    max_seconds: float = float("inf"),
     setup: Callable[[], Any] | None = None,
 ) -> Timing:
     """Time `step` (with an untimed `setup` before every call, e.g. restoring a cache)."""
@@ -86,10 +88,15 @@ def time_step(
         timed()
     times: list[float] = []
     began = time.perf_counter()
-    limit = max(max_repeats, repeats, 1)
-    while len(times) < limit and (len(times) < max(repeats, 1)
-                                  or time.perf_counter() - began < min_seconds):
+    while True:
         times.append(timed())
+        n, elapsed = len(times), time.perf_counter() - began
+        if n >= max(max_repeats, 1):
+            break
+        if n >= repeats and elapsed >= min_seconds:
+            break
+        if n >= min(3, repeats) and elapsed >= max_seconds:
+            break
     return Timing(first_call_s=first, times=times)
 
 

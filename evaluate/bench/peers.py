@@ -135,6 +135,7 @@ class HFPeer(Peer):
             raise TypeError(f"{name}: forward takes no cache argument this adapter knows")
         self.cache_kw = found[0]
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.decoding: dict[str, Any] = {}
 
     @staticmethod
     def _cache_of(out: Any) -> Any:
@@ -153,6 +154,7 @@ class HFPeer(Peer):
     def decode(self, prompt: torch.Tensor, steps: torch.Tensor) -> tuple[Callable[[], Any],
                                                                           Callable[[], Any]]:
         held: dict[str, Any] = {}
+        self.decoding = held  # the live cache and the last logits, for inspection
 
         def setup() -> None:
             held["cache"] = self.prefill(prompt)

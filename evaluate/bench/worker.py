@@ -99,7 +99,7 @@ def _time(task: dict[str, Any], device: torch.device, step: Callable[[], Any],
           setup: Callable[[], Any] | None = None) -> Timing:
     b = _bench(task)
     return time_step(step, device, warmup=b.warmup, repeats=b.repeats, min_seconds=b.min_seconds,
-                     max_repeats=b.max_repeats, setup=setup)
+                     max_repeats=b.max_repeats, max_seconds=b.max_seconds, setup=setup)
 
 
 # ---- training ---------------------------------------------------------------------------------

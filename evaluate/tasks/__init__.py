@@ -113,7 +113,8 @@ def task_token_data(task_cfg: Any, tokenizer: Any) -> TokenData:
     return TokenData(train=train, val=val, meta=meta)
 
 
-def task_targets(data: TokenData | None, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def task_targets(data: TokenData | None,
+                 windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of a batch of task windows; targets are -100 where no loss applies."""
     if windows.ndim != 3 or windows.shape[1] != 2:
         raise ValueError(f"task windows are (B, 2, T+1); got shape {tuple(windows.shape)}")

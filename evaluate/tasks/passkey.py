@@ -27,7 +27,8 @@ SINGLE_QUESTION = "\nWhat is the pass key? The pass key is"
 MULTI_INTRO = ("Some special magic numbers are hidden in the text below. Remember them; "
                "you will be asked about one of them.\n")
 MULTI_NEEDLE = "\nThe special magic number for {key} is: {value}.\n"
-MULTI_QUESTION = "\nWhat is the special magic number for {key}? The special magic number for {key} is"
+MULTI_QUESTION = ("\nWhat is the special magic number for {key}? "
+                  "The special magic number for {key} is")
 
 
 @lru_cache(maxsize=4)

@@ -1,0 +1,361 @@
+"""Speed and memory benchmarks (evaluate/bench): FLOPs accounting, records, isolation, OOM as a
+result, state bytes against context, the max-context search and the Llama peer mapping.
+
+Speed itself is never asserted; what is asserted is that the numbers are consistent with each
+other and with hand counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_config
+
+from archbench.archs.model import LanguageModel
+from archbench.evaluate.bench import flops, runner
+from archbench.evaluate.bench.devices import peak_tflops
+from archbench.evaluate.bench.measure import is_oom, restore_cache, snapshot_cache
+from archbench.io import read_jsonl
+
+VOCAB = 258  # the byte tokenizer: 256 bytes + eos + pad
+
+# Small explicit shapes per backbone (no size solving), and the module each one needs.
+ARCHS: dict[str, tuple[list[str], str | None]] = {
+    "transformer": (["arch.d_model=64", "arch.n_layers=2", "arch.attention.head_dim=16"], None),
+    "gpt2": (["arch.d_model=64", "arch.n_layers=2", "arch.attention.head_dim=16"], None),
+    "mamba": (["arch.d_model=64", "arch.n_layers=2"], "archbench.archs.mamba"),
+    "mamba2": (["arch.d_model=64", "arch.n_layers=2", "arch.mamba2.d_state=16"],
+               "archbench.archs.mamba"),
+    "rwkv7": (["arch.d_model=64", "arch.n_layers=2"], "archbench.archs.rwkv"),
+    "jamba": (["arch.d_model=64", "arch.n_layers=8", "arch.attention.head_dim=16",
+               "arch.moe.n_experts=4"], "archbench.archs.mamba"),
+}
+
+
+def _arch_params() -> list[Any]:
+    out = []
+    for name, (_, module) in ARCHS.items():
+        reason = None
+        if module is not None:
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # noqa: BLE001 - a backbone still being written
+                reason = f"{module} does not import: {err}"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def bench_config(tmp_path: Path, arch: str = "transformer", *extra: str) -> Any:
+    return make_config(
+        f"arch={arch}", *ARCHS[arch][0], f"out_dir={tmp_path}", "bench=cpu_smoke",
+        "bench.repeats=2", "bench.warmup=1", "bench.min_seconds=0", "bench.decode_tokens=4",
+        "bench.threads=1", *extra,
+    )
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+
+
+def test_flops_match_a_hand_count_of_a_tiny_transformer() -> None:
+    d, layers, heads, head_dim, vocab = 32, 2, 2, 16, VOCAB
+    model = LanguageModel({"d_model": d, "n_layers": layers, "attention": {"head_dim": head_dim},
+                           "mlp": {"multiple_of": 16}}, vocab)
+    hidden = 96  # int(8/3 * 32) = 85, rounded up to a multiple of 16
+    per_layer = 4 * d * d + 3 * d * hidden + 2 * d  # q, k, v, o; gate, up, down; two RMSNorms
+    non_embedding = layers * per_layer + d  # + the final norm; the head is tied to the embedding
+    assert model.param_counts()["active_non_embedding"] == non_embedding
+
+    def forward(context: int) -> float:
+        return 2 * (non_embedding + d * vocab) + layers * 4 * heads * head_dim * context
+
+    batch, context, new = 3, 40, 5
+    assert flops.train_flops(model, batch, context) == batch * context * 3 * forward(context)
+    # prefill: the head runs on the last position only
+    expected_prefill = batch * context * forward(context) - batch * (context - 1) * 2 * d * vocab
+    assert flops.prefill_flops(model, batch, context) == expected_prefill
+    # decode: new token i attends over context + i + 1 positions
+    expected_decode = batch * sum(forward(context + i + 1) for i in range(new))
+    assert flops.decode_flops(model, batch, context, new) == expected_decode
+    assert flops.step_flops(model, "memory", batch, context) is None
+
+
+def test_peak_table_matches_device_names_and_refuses_unknown_ones() -> None:
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
+    assert peak_tflops("NVIDIA H200", "bf16")[0] == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32")[0] == 19.5
+    peak, why = peak_tflops("Some Future GPU", "bf16")
+    assert peak is None and "not in the peak table" in why
+
+
+# ---- a CPU smoke run --------------------------------------------------------------------------
+
+TIMED = ("median_s", "spread", "tokens_per_s", "flops", "tflops", "first_call_s")
+ALWAYS = ("peak_bytes", "baseline_bytes", "peak_kind", "kernel_paths", "params", "weight_bytes",
+          "provenance", "config", "d_model", "n_layers", "size_fit")
+BY_MODE = {
+    "train": TIMED,
+    "prefill": (*TIMED, "state_bytes_measured", "state_bytes_analytic"),
+    "decode": (*TIMED, "state_bytes_measured", "state_bytes_analytic", "per_token_s",
+               "new_tokens", "eager_median_s", "cuda_graphs"),
+    "memory": ("state_bytes_measured", "state_bytes_analytic"),
+}
+
+
+def test_cpu_smoke_run_gives_one_complete_record_per_context_and_mode(tmp_path: Path) -> None:
+    cfg = bench_config(tmp_path, "transformer", "bench.contexts=[32,64]")
+    records = runner.run_bench(cfg)
+    assert sorted((r["mode"], r["context"]) for r in records) == sorted(
+        (m, c) for m in ("train", "prefill", "decode", "memory") for c in (32, 64))
+    for rec in records:
+        assert set(runner.RECORD_KEYS) <= set(rec)
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["kind"] == "bench" and rec["arch"] == "transformer" and rec["isolated"]
+        assert rec["dtype"] == "fp32" and rec["device"] == "cpu" and rec["batch"] == 1
+        missing = [k for k in (*ALWAYS, *BY_MODE[rec["mode"]]) if rec[k] is None]
+        assert not missing, (rec["mode"], missing)
+        assert rec["mfu"] is None  # TFLOP/s only on CPU
+        assert rec["peak_bytes"] > rec["baseline_bytes"] > 0
+        assert rec["provenance"]["device"]["type"] == "cpu"
+        if rec["mode"] != "memory":
+            assert "CPU" in rec["peak_source"]
+            spread = rec["spread"]
+            assert spread["n"] >= 2 and spread["min"] <= rec["median_s"] <= spread["max"]
+            units = rec["context"] if rec["mode"] != "decode" else rec["new_tokens"]
+            assert rec["tokens_per_s"] == pytest.approx(units / rec["median_s"])
+            assert rec["tflops"] == pytest.approx(rec["flops"] / rec["median_s"] / 1e12)
+        if rec["mode"] in ("prefill", "memory", "decode"):
+            assert rec["state_bytes_measured"] == rec["state_bytes_analytic"] > 0
+        if rec["mode"] == "decode":
+            assert rec["cuda_graphs"] is False and rec["cuda_graphs_note"] == "not on CUDA"
+            assert rec["per_token_s"] == pytest.approx(rec["median_s"] / 4)
+    # peak memory is attributed to each measurement: training (grads, AdamW state) needs more
+    peak = {(r["mode"], r["context"]): r["peak_bytes"] for r in records}
+    assert peak[("train", 64)] > peak[("memory", 64)]
+    assert len(read_jsonl(tmp_path / "records.jsonl")) == len(records)
+    with open(tmp_path / "bench.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(records) and list(rows[0]) == list(runner.CSV_COLUMNS)
+    assert {row["status"] for row in rows} == {"ok"}
+
+
+def test_a_real_allocation_failure_in_an_isolated_run_is_an_oom_record(tmp_path: Path) -> None:
+    # 8 MB of data memory for the measuring process: a 64K-token prefill cannot fit
+    cfg = bench_config(tmp_path, "mamba2" if _imports("archbench.archs.mamba") else "transformer",
+                       "bench.modes=[memory]", "bench.contexts=[65536]",
+                       "bench.rss_budget_gb=0.008")
+    (rec,) = runner.run_bench(cfg)
+    assert rec["status"] == "oom", rec["error"]
+    assert "allocate" in rec["error"] and any("RLIMIT_DATA" in n for n in rec["notes"])
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+# ---- out of memory ----------------------------------------------------------------------------
+
+
+def test_an_induced_oom_is_recorded_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_forward = LanguageModel.forward
+    long_calls = []
+
+    def forward(self: Any, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if tokens.shape[1] >= 64:  # a fake allocator failure for long inputs
+            long_calls.append(tokens.shape[1])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return real_forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "forward", forward)
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false",
+                       "bench.contexts=[32,64,128]", "bench.modes=[prefill,decode,memory]")
+    records = runner.run_bench(cfg)
+    status = {(r["mode"], r["context"]): r["status"] for r in records}
+    for mode in ("prefill", "decode", "memory"):
+        assert status[(mode, 32)] == "ok"  # the sweep went on after the previous mode's OOM
+        assert status[(mode, 64)] == "oom"
+        assert status[(mode, 128)] == "oom"
+    by_key = {(r["mode"], r["context"]): r for r in records}
+    assert "Tried to allocate" in by_key[("prefill", 64)]["error"]
+    notes = by_key[("prefill", 128)]["notes"]
+    assert any("inferred from the OOM at context 64" in n for n in notes)
+    assert long_calls == [64, 64, 64]  # 128 was not run after 64 ran out of memory
+    assert len(read_jsonl(tmp_path / "records.jsonl")) == 9
+
+
+def test_oom_recognition() -> None:
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ..."))
+    assert is_oom(MemoryError())
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert not is_oom(ValueError("out of memory"))
+
+
+# ---- state bytes and decoding caches ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", _arch_params())
+def test_state_bytes_are_linear_for_attention_and_constant_for_recurrent_layers(
+    tmp_path: Path, arch: str
+) -> None:
+    cfg = bench_config(tmp_path, arch, "bench.isolate=false", "bench.modes=[memory]",
+                       "bench.contexts=[16,32,64]", "bench.batch_sizes=[2]")
+    records = runner.run_bench(cfg)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    measured = {r["context"]: r["state_bytes_measured"] for r in records}
+    assert all(r["state_bytes_measured"] == r["state_bytes_analytic"] for r in records)
+    model = LanguageModel(cfg.arch, VOCAB)
+    attn_layers = [b.mixer for b in model.blocks if b.mixer_kind == "attention"]
+    # K and V, fp32, batch 2, per token of context, over the attention layers (by hand)
+    slope = sum(2 * 2 * m.n_kv_heads * m.head_dim * 4 for m in attn_layers)
+    assert measured[32] - measured[16] == slope * 16
+    assert measured[64] - measured[32] == slope * 32
+    if not attn_layers:
+        assert measured[16] == measured[64] > 0  # recurrent state: constant in the context
+    elif arch in ("transformer", "gpt2"):
+        assert measured[16] == slope * 16  # nothing but the KV cache
+
+
+@pytest.mark.parametrize("arch", _arch_params())
+def test_restored_cache_decodes_the_same_tokens_as_the_full_forward(
+    tmp_path: Path, arch: str
+) -> None:
+    """Every decode repeat starts from a restored snapshot: it must reproduce the same logits,
+    and those must be the full forward's (else the timed decode is not real decoding)."""
+    cfg = bench_config(tmp_path, arch)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.arch, VOCAB).eval()
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.init_cache(2, 12)
+        model(tokens[:, :8], cache)
+        saved = snapshot_cache(cache)
+        for _ in range(2):
+            restore_cache(cache, saved)
+            steps = [model(tokens[:, i : i + 1], cache) for i in range(8, 12)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], atol=2e-4, rtol=2e-4)
+            assert cache.pos == 12
+
+
+# ---- max context ------------------------------------------------------------------------------
+
+
+def test_max_context_search_doubles_then_bisects() -> None:
+    tried = []
+
+    def probe(length: int) -> dict[str, Any]:
+        tried.append(length)
+        return {"status": "ok" if length <= 1000 else "oom"}
+
+    best, probes, failed = runner.search_max_context(probe, 128, 65536, 64)
+    assert tried[:5] == [128, 256, 512, 1024, 768]
+    assert best is not None and best <= 1000 < best + 64 and best % 64 == 0
+    assert failed is not None and failed > 1000 and failed - best <= 64
+    assert [p["context"] for p in probes] == tried
+    best, _, failed = runner.search_max_context(lambda n: {"status": "ok"}, 128, 1000, 64)
+    assert best == 1000 and failed is None  # bounded by the limit
+    best, probes, _ = runner.search_max_context(
+        lambda n: {"status": "ok" if n < 300 else "error", "error": "boom"}, 128, 4096, 64)
+    assert best == 256 and probes[-1]["status"] == "error"  # an error is not a memory limit
+
+
+def test_max_context_records_come_out_of_the_sweep(tmp_path: Path) -> None:
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.modes=[]",
+                       "bench.max_context=true", "bench.contexts=[32]",
+                       "bench.max_context_limit=128")
+    records = runner.run_bench(cfg)
+    assert [(r["mode"], r["probe"]) for r in records] == [("max_context", "prefill"),
+                                                          ("max_context", "train")]
+    for rec in records:
+        assert rec["status"] == "ok" and rec["context"] == 128
+        assert [p["context"] for p in rec["probes"]] == [32, 64, 128]
+        assert "bounded by bench.max_context_limit" in rec["notes"]
+        assert rec["peak_bytes"] and rec["params"]
+
+
+# ---- peers ------------------------------------------------------------------------------------
+
+
+def test_llama_peer_is_the_same_network_and_decodes_with_its_cache() -> None:
+    pytest.importorskip("transformers")
+    import transformers
+
+    from archbench.evaluate.bench import peers
+
+    arch = {"d_model": 64, "n_layers": 2, "tie_embeddings": False, "norm_eps": 1e-6,
+            "attention": {"head_dim": 16, "n_kv_heads": 2, "rope_theta": 5e5},
+            "mlp": {"multiple_of": 16}}
+    torch.manual_seed(0)
+    ours = LanguageModel(arch, VOCAB).eval()
+    hf = transformers.LlamaForCausalLM(peers.llama_config(ours)).eval()
+    hf.load_state_dict(peers.to_llama_state_dict(ours))
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, ours(tokens), atol=1e-4,
+                                   rtol=1e-4)
+        peer = peers.HFPeer("hf:LlamaForCausalLM", hf)
+        setup, step = peer.decode(tokens[:, :20], tokens[:, 20:])
+        setup()
+        step()
+        assert peer.decoding["cache"].get_seq_length() == 24
+        torch.testing.assert_close(peer.decoding["logits"][:, -1], ours(tokens)[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+    gpt2 = LanguageModel({"d_model": 64, "n_layers": 2, "norm": "layernorm",
+                          "attention": {"head_dim": 16, "position": "learned"},
+                          "mlp": {"kind": "gelu"}}, VOCAB)
+    choice = peers.choose_peer(gpt2, torch.device("cpu"))
+    assert choice.build is None and "no LlamaForCausalLM equivalent" in choice.note
+
+
+def test_peer_ratio_in_the_record_is_ours_over_the_peer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.peers=true",
+                       "bench.modes=[train,memory]", "bench.contexts=[32]")
+    train, memory = runner.run_bench(cfg)
+    peer = train["peer"]
+    assert peer["name"] == "hf:LlamaForCausalLM" and peer["status"] == "ok"
+    assert peer["params_total"] == train["params"]["total"]  # the same network
+    assert peer["ratio"] == pytest.approx(train["tokens_per_s"] / peer["tokens_per_s"])
+    assert memory["peer"] is None and any("no peer" in n for n in memory["notes"])
+
+
+def test_a_missing_peer_is_a_note_not_an_error(tmp_path: Path) -> None:
+    if not _imports("archbench.archs.rwkv"):
+        pytest.skip("archbench.archs.rwkv does not import")
+    cfg = bench_config(tmp_path, "rwkv7", "bench.isolate=false", "bench.peers=true",
+                       "bench.modes=[prefill]", "bench.contexts=[16]")
+    (rec,) = runner.run_bench(cfg)
+    assert rec["status"] == "ok" and rec["peer"] is None
+    assert any("skipped" in n and "RWKV7" in n for n in rec["notes"])
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", _arch_params())
+def test_cuda_graph_decoding_checks_exact_and_is_used(tmp_path: Path, arch: str) -> None:
+    cfg = bench_config(tmp_path, arch, "bench.isolate=false", "bench.modes=[decode]",
+                       "bench.contexts=[64]", "bench.device=cuda", "bench.dtype=bf16")
+    (rec,) = runner.run_bench(cfg)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["cuda_graphs"] is True, rec["cuda_graphs_note"]
+    assert rec["graph_capture_s"] > 0 and rec["eager_median_s"] > 0
+    assert rec["mfu"] is None or 0 < rec["mfu"] < 1
+    assert math.isfinite(rec["tokens_per_s"])
