@@ -124,6 +124,7 @@ class ArchConfig:
     embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = True
     init_std: float = 0.02
+    embed_init: str = "normal"  # normal (std init_std) | rwkv (uniform +-1e-4, orthogonal head)
     scaled_residual_init: bool = True  # output projections scaled by 1/sqrt(2 * n_layers)
     aspect: float = 64.0  # preferred d_model per layer when solving sizes
     width_multiple: int = 64
@@ -361,6 +362,7 @@ def expand_period(items: list[str] | str, key: str, allowed: tuple[str, ...]) ->
 
 def validate_arch(arch: Any) -> None:
     _allowed("arch.norm", arch.norm, NORM_KINDS)
+    _allowed("arch.embed_init", arch.embed_init, ("normal", "rwkv"))
     _allowed("arch.attention.position", arch.attention.position, POSITION_KINDS)
     _allowed("arch.mlp.kind", arch.mlp.kind, DENSE_MLP_KINDS)
     _allowed("arch.moe.expert_kind", arch.moe.expert_kind, ("swiglu", "gelu"))

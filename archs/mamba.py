@@ -90,8 +90,8 @@ class _MambaBase(Sublayer):
             return False
         if not x.is_cuda:
             raise RuntimeError(
-                f"arch.{self.config_key}.kernels: path {self.kernel_path!r} needs CUDA tensors, got "
-                f"{x.device.type!r}; call archbench.archs.model.resolve_kernels(model, device)"
+                f"arch.{self.config_key}.kernels: path {self.kernel_path!r} needs CUDA tensors, "
+                f"got {x.device.type!r}; call archbench.archs.model.resolve_kernels(model, device)"
             )
         return True
 

@@ -140,12 +140,21 @@ class LanguageModel(nn.Module):
         self._init_shell()
 
     def _init_shell(self) -> None:
+        """GPT-style normal init by default; RWKV-LM's own (a tiny uniform embedding, which its
+        ln0 rescales, and an orthogonal head) when arch.embed_init=rwkv (fairness rule 4)."""
         std = self.arch.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        if self.arch.embed_init == "rwkv":
+            nn.init.uniform_(self.embed.weight, -1e-4, 1e-4)
+        else:
+            nn.init.normal_(self.embed.weight, std=std)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=std)
         if self.arch.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        elif self.arch.embed_init == "rwkv":
+            vocab, d = self.lm_head.weight.shape
+            gain = 0.5 * math.sqrt(vocab / d) if vocab > d else 0.5
+            nn.init.orthogonal_(self.lm_head.weight, gain=gain)
         else:
             nn.init.normal_(self.lm_head.weight, std=std)
 

@@ -74,12 +74,16 @@ def _counting_only() -> Iterator[None]:
 
 
 @lru_cache(maxsize=8192)
-def _block_counts(arch_json: str, d_model: int, mixer: str, mlp: str, first: bool,
+def _block_counts(arch_json: str, d_model: int, mixer: str, mlp: str, layer_idx: int,
                   context: int) -> tuple[int, int, float]:
-    """(params, inactive params, extra forward FLOPs) of one block at width d_model."""
+    """(params, inactive params, extra forward FLOPs) of one block at width d_model.
+
+    Callers pass the first layer index of each distinct (mixer, mlp, first-of-its-kind) block,
+    so the cache stays small while layers that differ (RWKV-7's first layer has no value
+    residual) are counted as built."""
     arch = _Attrs({**json.loads(arch_json), "d_model": d_model})
     with _counting_only():
-        block = Block(arch, 0 if first else 1, mixer, mlp)
+        block = Block(arch, layer_idx, mixer, mlp)
     params = sum(p.numel() for p in block.parameters())
     subs = [block.mixer] + ([block.mlp] if block.mlp is not None else [])
     inactive = sum(s.inactive_params() for s in subs)
@@ -112,9 +116,14 @@ class _Measurer:
         cfg = self.cfg
         params = inactive = 0
         flops = 0.0
+        seen: set[str] = set()
+        representative: dict[tuple[str, str, bool], int] = {}
         for i in range(n_layers):
             mixer, mlp = self.period[i % len(self.period)]
-            p, q, f = _block_counts(self.arch_json, d_model, mixer, mlp, i == 0, self.context)
+            key = (mixer, mlp, mixer not in seen)
+            seen.add(mixer)
+            index = representative.setdefault(key, i)
+            p, q, f = _block_counts(self.arch_json, d_model, mixer, mlp, index, self.context)
             params, inactive, flops = params + p, inactive + q, flops + f
         norms = (2 if cfg.embed_norm else 1) * d_model * (2 if cfg.norm == "layernorm" else 1)
         non_embedding = params + norms

@@ -42,7 +42,8 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
 
 def summary(tokens: int, times: list[float]) -> tuple[float, str]:
     med = statistics.median(times)
-    return tokens / med, f"{tokens / med:10.0f} tok/s  ({tokens / max(times):.0f}..{tokens / min(times):.0f})"
+    spread = f"({tokens / max(times):.0f}..{tokens / min(times):.0f})"
+    return tokens / med, f"{tokens / med:10.0f} tok/s  {spread}"
 
 
 def build_pair(kind: str, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:

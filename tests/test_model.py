@@ -158,3 +158,16 @@ def test_impossible_size_names_the_field() -> None:
     cfg = make_config("size.target=1000", "size.tolerance=0.01")
     with pytest.raises(ConfigError, match="size.target"):
         solve_size(cfg.arch, cfg.size, 258)
+
+
+def test_size_solver_counts_equal_built_hybrid_models() -> None:
+    """The solver's per-block counting equals the parameters of the model actually built,
+    also where layers differ (RWKV-7's first layer has no value residual LoRA)."""
+    from archbench.archs.sizing import measure
+
+    arch = make_config("arch=rwkv7").arch
+    arch.pattern.mixers = ["attention", "rwkv7", "rwkv7"]
+    arch.pattern.mlps = ["dense"]
+    arch.d_model, arch.n_layers = 128, 6
+    built = LanguageModel(arch, 258).param_counts()["non_embedding"]
+    assert measure(arch, 128, 6, 258, "non_embedding") == built

@@ -34,8 +34,9 @@ def causal_conv1d(
     else:
         padded = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)
         conv_state.copy_(padded[:, -(width - 1) :].transpose(1, 2))
-    w = weight.t().to(x.dtype)  # (width, channels): each tap's row is contiguous
-    out = padded[:, :length] * w[0] if bias is None else torch.addcmul(bias, padded[:, :length], w[0])
+    w = weight.t().contiguous().to(x.dtype)  # (width, channels): each tap's row contiguous
+    head = padded[:, :length]
+    out = head * w[0] if bias is None else torch.addcmul(bias.to(x.dtype), head, w[0])
     for k in range(1, width):
         out = torch.addcmul(out, padded[:, k : k + length], w[k])
     return F.silu(out)

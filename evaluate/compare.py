@@ -1,0 +1,456 @@
+"""`archbench compare [+preset=gpu] [overrides]`: the default comparison, end to end.
+
+Every backbone of `compare.backbones` that exists and builds is trained at one matched size on
+the same tokens (one Hydra multirun per study: `archbench train ... -m`), each run is evaluated
+(`archbench eval`), each backbone is benchmarked (`archbench bench ... -m`), and one report is
+built (evaluate/report.py). Settings live in conf/experiment/compare.yaml (compare_gpu.yaml for
+`+preset=gpu`); any other override is passed to every stage, `compare.*` ones configure this
+driver.
+
+Why subprocesses: each stage is its own process, so one failure (an out-of-memory, a backbone that
+breaks) is recorded in `<sweep>/stages.jsonl`, shown in the report, and the rest go on. The sweep
+folders are fixed (`compare.sweep_dir`), so a second `archbench compare` finds what is done:
+finished training runs, evaluations whose records exist and completed benchmarks are skipped, and
+only the missing pieces run. Run folders are named by backbone and study,
+e.g. `multirun/compare/lm/mamba` (values swept with a comma list join the name); a finished run
+whose settings differ from the ones asked for now is moved aside (`<dir>.stale-<time>`) and
+trained again, so a changed setting never reuses a run trained under another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from archbench.io import read_jsonl, write_text_atomic
+
+PRESETS = {"cpu": "compare", "gpu": "compare_gpu"}
+# Lines of a stage's output worth showing live; everything goes to the stage's log file.
+ECHO = ("run dir:", "skipping", "[bench]", "archbench:", "Error", "error:", "resumed")
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+def split_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """(experiment, compare.* overrides, overrides for every stage) of the command line."""
+    experiment = PRESETS["cpu"]
+    own, stage = [], []
+    for arg in argv:
+        if arg.startswith("+preset="):
+            name = arg.split("=", 1)[1]
+            if name not in PRESETS:
+                raise SystemExit(f"archbench compare: unknown preset {name!r}; "
+                                 f"choose one of {sorted(PRESETS)}")
+            experiment = PRESETS[name]
+        elif arg.startswith("+experiment="):
+            experiment = arg.split("=", 1)[1]
+        elif arg in ("-m", "--multirun"):
+            raise SystemExit("archbench compare runs its own sweeps; drop -m")
+        elif arg.lstrip("+").startswith("compare."):
+            own.append(arg)
+        else:
+            stage.append(arg)
+    return experiment, own, stage
+
+
+def compose(experiment: str, overrides: list[str]) -> DictConfig:
+    """The config a stage of this experiment sees (the same tree, schema and validation)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from archbench.config import register_schema
+
+    register_schema()
+    with initialize_config_module(config_module="archbench.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", return_hydra_config=True,
+                             overrides=[f"+experiment={experiment}", *overrides])
+
+
+def archbench_exe() -> list[str]:
+    """The console script of this environment (never `python -m` from a source checkout, whose
+    evaluate/ folder would shadow Hugging Face's `evaluate` for lm-eval)."""
+    local = Path(sys.executable).parent / "archbench"
+    if local.is_file():
+        return [str(local)]
+    found = shutil.which("archbench")
+    if not found:
+        raise SystemExit("archbench compare: the `archbench` command is not on PATH")
+    return [found]
+
+
+def _parse(overrides: Iterable[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lines of each job of `-m` over `overrides` (comma lists are swept), in the
+    form Hydra's basic sweeper gives them to the job."""
+    fixed: list[str] = []
+    swept: list[list[str]] = []
+    for o in _parse(overrides):
+        if o.is_sweep_override():
+            swept.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            fixed.append(o.input_line)
+    return [fixed + list(combo) for combo in itertools.product(*swept)]
+
+
+def override_dirname(job: list[str], exclude: Iterable[str]) -> str:
+    """Hydra's `hydra.job.override_dirname` of one job (sorted `key=value`, excluded keys out)."""
+    exclude = set(exclude)
+    return ",".join(sorted(o.input_line for o in _parse(job) if o.key_or_group not in exclude))
+
+
+def quote(value: str) -> str:
+    """A Hydra override value as one quoted string (paths hold ',' and '=')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+@dataclass
+class Stages:
+    """Stage records of this invocation: what ran, how long, how it ended (the report reads
+    them; a failed stage is flagged there)."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, stage: str, what: str, status: str, **extra: Any) -> dict[str, Any]:
+        rec = {"kind": "stage", "stage": stage, "what": what, "status": status, **extra}
+        self.records.append(rec)
+        write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n"
+                                             for r in self.records))
+        return rec
+
+
+def run_stage(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run one stage process; its output goes to `log`, the telling lines also to the console."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            if line.lstrip().startswith(ECHO):
+                print("    " + line.rstrip(), flush=True)
+        code = proc.wait()
+    return code, time.time() - began
+
+
+TRAIN_SECTIONS = ("arch", "size", "tokenizer", "data", "train")
+BENCH_SECTIONS = ("arch", "size", "tokenizer", "bench")
+# Settings that do not change what a run computes.
+IGNORED = {"train.progress", "train.resume", "data.cache_dir", "tokenizer.cache_dir",
+           "bench.timeout_s"}
+
+
+def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Keys whose values differ; a key only one side has is not a difference (the schema grew
+    or shrank since that run, its value was the default then)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) & set(now)):
+            out += differences(saved[key], now[key], f"{prefix}{key}.")
+        return out
+    key = prefix.rstrip(".")
+    if key in IGNORED or saved == now:
+        return []
+    if isinstance(saved, (int, float)) and isinstance(now, (int, float)) and float(saved) == float(
+            now):
+        return []
+    return [f"{key}: {saved!r} then, {now!r} now"]
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        out = json.loads((run_dir / "summary.json").read_text())
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _records(folder: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(folder / "records.jsonl")
+    except (OSError, ValueError):
+        return []
+
+
+def finished(run_dir: Path) -> bool:
+    return _summary(run_dir).get("status") == "finished"
+
+
+def eval_done(run_dir: Path, tasks: list[str]) -> list[str]:
+    """Tasks of `tasks` that still have no evaluation record in the run's records.jsonl."""
+    have: set[str] = set()
+    try:
+        for rec in read_jsonl(run_dir / "records.jsonl"):
+            if rec.get("kind") == "eval":
+                have.add(str(rec.get("eval")))
+                if rec.get("eval") == "lm_eval":
+                    have.add(str((rec.get("params") or {}).get("task")))
+    except (OSError, ValueError):
+        pass
+    return [t for t in tasks if t not in have]
+
+
+# ---- the comparison -------------------------------------------------------------------------
+
+class Comparison:
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.experiment, own, self.stage_overrides = split_argv(argv)
+        self.cfg = compose(self.experiment, [*own, *self.stage_overrides])
+        self.cc = self.cfg.compare
+        self.sweep = Path(self.cc.sweep_dir)
+        self.sweep.mkdir(parents=True, exist_ok=True)
+        self.stages = Stages(self.sweep / "stages.jsonl")
+        self.exe = archbench_exe()
+        self.arch_overrides: dict[str, list[str]] = {
+            k: list(v) for k, v in OmegaConf.to_container(self.cc.arch_overrides).items()}
+        self.report_inputs: list[Path] = [self.stages.path]
+
+    def overrides(self, extra: list[str], arch_ov: list[str] = ()) -> list[str]:
+        """A stage's overrides: the study's, the backbone's, then the user's (which win)."""
+        return [f"+experiment={self.experiment}", *extra, *arch_ov, *self.stage_overrides]
+
+    # ---- which backbones ----------------------------------------------------------------------
+    def lineup(self) -> list[str]:
+        from archbench.archs.sizing import solve_size
+        from archbench.config import validate
+        from archbench.evaluate.bench.runner import vocab_size_of
+
+        arch_dir = resources.files("archbench.conf") / "arch"
+        ready = []
+        for name in self.cc.backbones:
+            if not (arch_dir / f"{name}.yaml").is_file():
+                self.stages.add("check", name, "skipped", reason=f"no conf/arch/{name}.yaml")
+                print(f"  {name}: skipped (no conf/arch/{name}.yaml)")
+                continue
+            try:
+                cfg = compose(self.experiment, [*self.stage_overrides,
+                                                *self.arch_overrides.get(name, []),
+                                                f"arch={name}"])
+                validate(cfg)
+                solve_size(cfg.arch, cfg.size, vocab_size_of(cfg.tokenizer)[0])
+            except Exception as exc:  # an arch that does not import or fit is left out, said why
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.stages.add("check", name, "skipped", reason=reason)
+                print(f"  {name}: skipped ({reason})")
+                continue
+            ready.append(name)
+        return ready
+
+    def groups(self, backbones: list[str]) -> list[tuple[list[str], list[str]]]:
+        """Backbones that share their arch overrides run in one multirun."""
+        out: dict[tuple[str, ...], list[str]] = {}
+        for name in backbones:
+            out.setdefault(tuple(self.arch_overrides.get(name, [])), []).append(name)
+        return [(list(k), v) for k, v in out.items()]
+
+    def jobs(self, folder: Path, extra: list[str], name: str) -> list[tuple[Path, list[str]]]:
+        """(run folder, overrides) of each job that `-m` over `extra` gives backbone `name`."""
+        out = []
+        for job in expand_jobs([*self.overrides(extra, self.arch_overrides.get(name, [])),
+                                f"arch={name}"]):
+            sub = override_dirname(job, self.exclude(extra))
+            out.append((folder / name / sub if sub else folder / name, job))
+        return out
+
+    def exclude(self, extra: list[str]) -> list[str]:
+        """Keys kept out of run folder names: all but those swept by the user. A fixed setting
+        that changed is caught by comparing configs (`stale`), so names stay short."""
+        fixed = self.overrides(extra, [o for v in self.arch_overrides.values() for o in v])
+        swept = {o.key_or_group for o in _parse(fixed) if o.is_sweep_override()}
+        keys = {o.key_or_group for o in _parse(fixed)} | {"arch"}
+        base = set(self.cfg.hydra.job.config.override_dirname.exclude_keys)
+        return sorted((keys - swept) | base)
+
+    def sweep_cmd(self, command: str, folder: Path, extra: list[str], arch_ov: list[str],
+                  names: list[str]) -> list[str]:
+        return [*self.exe, command, *self.overrides(extra, arch_ov), f"arch={','.join(names)}",
+                f"hydra.sweep.dir={folder}",
+                "hydra.sweep.subdir=${arch.name}/${hydra.job.override_dirname}",
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(self.exclude(extra))}]",
+                "-m"]  # last: Hydra's argument parser wants the overrides together
+
+    def stale(self, saved: dict[str, Any] | None, job: list[str], sections: tuple[str, ...]
+              ) -> list[str]:
+        """Settings in which a finished run differs from what this job would run now."""
+        job = [o for o in job if not o.startswith("+experiment=")]
+        now = OmegaConf.to_container(compose(self.experiment, job), resolve=True)
+        return differences({k: (saved or {}).get(k) for k in sections},
+                           {k: now.get(k) for k in sections})
+
+    def set_aside(self, run_dir: Path, why: list[str]) -> None:
+        """A finished run made under other settings is moved away (kept, never deleted)."""
+        target = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(target)
+        print(f"  {run_dir} was made with other settings ({'; '.join(why[:3])}); "
+              f"moved to {target}")
+
+    # ---- train ----------------------------------------------------------------------------
+    def train(self, study: str, extra: list[str], backbones: list[str]) -> dict[str, list[Path]]:
+        folder = self.sweep / study
+        jobs = {b: self.jobs(folder, extra, b) for b in backbones}
+        for d, job in (j for js in jobs.values() for j in js):
+            if finished(d):
+                why = self.stale(_summary(d).get("config"), job, TRAIN_SECTIONS)
+                if why:
+                    self.set_aside(d, why)
+        runs = {b: [d for d, _ in js] for b, js in jobs.items()}
+        for arch_ov, names in self.groups(backbones):
+            todo = [b for b in names if not all(finished(d) for d in runs[b])]
+            for b in set(names) - set(todo):
+                for d in runs[b]:
+                    print(f"  skipping {d}: already finished")
+                self.stages.add("train", f"{study}: {b}", "skipped", reason="finished")
+            if not todo:
+                continue
+            what = f"{study}: {', '.join(todo)}"
+            print(f"  train {what} ...", flush=True)
+            log = self.sweep / "logs" / f"train_{study}_{'_'.join(todo)}.log"
+            cmd = self.sweep_cmd("train", folder, [*extra, "train.progress=false"], arch_ov, todo)
+            code, secs = run_stage(cmd, log)
+            for b in todo:
+                ok = all(finished(d) for d in runs[b])
+                self.stages.add("train", f"{study}: {b}", "ok" if ok else "failed",
+                                returncode=code, seconds=secs / len(todo), log=str(log))
+        return runs
+
+    # ---- eval -----------------------------------------------------------------------------
+    def evaluate(self, study: str, evals: list[Any], runs: dict[str, list[Path]]) -> None:
+        for b, dirs in runs.items():
+            for run_dir in dirs:
+                if not finished(run_dir):
+                    continue
+                for i, call in enumerate(evals):
+                    tasks = eval_done(run_dir, list(call.tasks))
+                    what = f"{study}: {b} {'+'.join(call.tasks)}"
+                    if not tasks:
+                        print(f"  skipping eval {'+'.join(call.tasks)} of {run_dir}: "
+                              "records present")
+                        self.stages.add("eval", what, "skipped", reason="records present")
+                        continue
+                    print(f"  eval {what} ...", flush=True)
+                    log = self.sweep / "logs" / f"eval_{study}_{b}_{i}.log"
+                    cmd = [*self.exe, "eval", *self.overrides(list(call.overrides)),
+                           f"eval.tasks=[{','.join(tasks)}]", f"ckpt={quote(str(run_dir))}",
+                           f"hydra.run.dir={quote(str(run_dir / 'eval' / str(i)))}"]
+                    code, secs = run_stage(cmd, log)
+                    left = eval_done(run_dir, tasks)
+                    status = "ok" if code == 0 and not left else "failed"
+                    self.stages.add("eval", what, status, returncode=code, seconds=secs,
+                                    log=str(log), missing=left)
+
+    # ---- bench ----------------------------------------------------------------------------
+    def bench(self, backbones: list[str]) -> None:
+        folder = self.sweep / "bench"
+        extra = list(self.cc.bench_overrides)
+        jobs = {b: self.jobs(folder, extra, b) for b in backbones}
+        for d, job in (j for js in jobs.values() for j in js):
+            if (d / "bench.csv").is_file():
+                saved = next((r.get("config") for r in _records(d) if r.get("kind") == "bench"),
+                             None)
+                why = self.stale(saved, job, BENCH_SECTIONS)
+                if why:
+                    self.set_aside(d, why)
+        dirs = {b: [d for d, _ in js] for b, js in jobs.items()}
+        for arch_ov, names in self.groups(backbones):
+            todo = [b for b in names if not all((d / "bench.csv").is_file() for d in dirs[b])]
+            for b in set(names) - set(todo):
+                print(f"  skipping bench of {b}: bench.csv present")
+                self.stages.add("bench", b, "skipped", reason="bench.csv present")
+            if not todo:
+                continue
+            for b in todo:  # a half-done benchmark is redone whole, not appended to
+                for d in dirs[b]:
+                    if (d / "records.jsonl").is_file():
+                        (d / "records.jsonl").unlink()
+            print(f"  bench {', '.join(todo)} ...", flush=True)
+            log = self.sweep / "logs" / f"bench_{'_'.join(todo)}.log"
+            code, secs = run_stage(self.sweep_cmd("bench", folder, extra, arch_ov, todo), log)
+            for b in todo:
+                ok = all((d / "bench.csv").is_file() for d in dirs[b])
+                self.stages.add("bench", b, "ok" if ok else "failed", returncode=code,
+                                seconds=secs / len(todo), log=str(log))
+        self.report_inputs += [d for ds in dirs.values() for d in ds if d.is_dir()]
+
+    # ---- all ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        began = time.time()
+        print(f"archbench compare: experiment {self.experiment}, sweep folder {self.sweep}")
+        backbones = self.lineup()
+        print(f"  backbones: {', '.join(backbones) or 'none'}")
+        for study, spec in self.cc.studies.items():
+            runs = self.train(study, list(spec.train), backbones)
+            self.evaluate(study, list(spec.evals), runs)
+            self.report_inputs += [d for ds in runs.values() for d in ds if d.is_dir()]
+        if self.cc.bench:
+            self.bench(backbones)
+        return self.report(time.time() - began)
+
+    def report(self, seconds: float) -> Path:
+        from archbench.evaluate.report import build_report
+
+        t = self.cfg.train
+        preamble = [
+            "## How this report was made", "",
+            f"Command: `archbench compare {' '.join(self.argv)}` (experiment "
+            f"`conf/experiment/{self.experiment}.yaml`), sweep folder `{self.sweep}`.", "",
+            f"Machine: {platform.node()}, {platform.platform()}, {os.cpu_count()} CPU cores"
+            f"{_gpu_text()}; wall time of this invocation {seconds:.0f} s (stages skipped "
+            "because already done take no time; see the stage table under Provenance).", "",
+            f"Setting: size `{self.cfg.size.name}` ({self.cfg.size.metric} target "
+            f"{self.cfg.size.target:g}), tokenizer `{self.cfg.tokenizer.kind}`, data "
+            f"`{self.cfg.data.source}`, {float(t.tokens):g} training tokens per backbone "
+            f"(batch {t.batch_size} × {t.seq_len} tokens), seed {t.seed}; benchmark preset "
+            f"`{self.cfg.bench.name}`.", "",
+        ]
+        path, _ = build_report(self.report_inputs, self.cc.out, self.cc.title, preamble)
+        return path
+
+
+def _gpu_text() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f", GPU {torch.cuda.get_device_name(0)}"
+    except Exception:  # the report header only; a broken CUDA setup shows up in the stages
+        pass
+    return ", no GPU"
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    comparison = Comparison(argv)
+    path = comparison.run()
+    failed = [r for r in comparison.stages.records if r["status"] == "failed"]
+    print(f"report: {path}")
+    if failed:
+        print(f"archbench compare: {len(failed)} stage(s) failed (see the report's Provenance "
+              f"section and the logs under {comparison.sweep / 'logs'})", file=sys.stderr)
