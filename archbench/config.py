@@ -253,6 +253,7 @@ class BenchConfig:
     timeout_s: float = 1800.0  # per isolated measurement; a timeout is recorded, the sweep goes on
     rss_budget_gb: float | None = None  # CPU, isolated: data-memory cap per measurement
     max_context_step: int = 128  # resolution of the max-context bisection (tokens)
+    peer_rounds: int = 1  # ours/peer measured alternately this many times; ratio = median
 
 
 @dataclass

@@ -13,7 +13,7 @@ folders are fixed (`compare.sweep_dir`), so a second `archbench compare` finds w
 finished training runs, evaluations whose records exist and completed benchmarks are skipped, and
 only the missing pieces run. Run folders are named by backbone and study,
 e.g. `multirun/compare/lm/mamba` (values swept with a comma list join the name); a finished run
-whose settings differ from the ones asked for now is moved aside (`<dir>.stale-<time>`) and
+whose settings differ from the ones asked for now is moved to `<sweep>/stale/` and
 trained again, so a changed setting never reuses a run trained under another.
 """
 
@@ -304,8 +304,11 @@ class Comparison:
                            {k: now.get(k) for k in sections})
 
     def set_aside(self, run_dir: Path, why: list[str]) -> None:
-        """A finished run made under other settings is moved away (kept, never deleted)."""
-        target = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        """A finished run made under other settings is moved away (kept, never deleted), out of
+        the study folders so no later stage or report reads it as current."""
+        rel = run_dir.relative_to(self.sweep)
+        target = self.sweep / "stale" / f"{'_'.join(rel.parts)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
         run_dir.rename(target)
         print(f"  {run_dir} was made with other settings ({'; '.join(why[:3])}); "
               f"moved to {target}")
@@ -341,28 +344,36 @@ class Comparison:
 
     # ---- eval -----------------------------------------------------------------------------
     def evaluate(self, study: str, evals: list[Any], runs: dict[str, list[Path]]) -> None:
-        for b, dirs in runs.items():
-            for run_dir in dirs:
-                if not finished(run_dir):
-                    continue
-                for i, call in enumerate(evals):
-                    tasks = eval_done(run_dir, list(call.tasks))
-                    what = f"{study}: {b} {'+'.join(call.tasks)}"
-                    if not tasks:
-                        print(f"  skipping eval {'+'.join(call.tasks)} of {run_dir}: "
-                              "records present")
-                        self.stages.add("eval", what, "skipped", reason="records present")
-                        continue
-                    print(f"  eval {what} ...", flush=True)
-                    log = self.sweep / "logs" / f"eval_{study}_{b}_{i}.log"
-                    cmd = [*self.exe, "eval", *self.overrides(list(call.overrides)),
-                           f"eval.tasks=[{','.join(tasks)}]", f"ckpt={quote(str(run_dir))}",
-                           f"hydra.run.dir={quote(str(run_dir / 'eval' / str(i)))}"]
-                    code, secs = run_stage(cmd, log)
-                    left = eval_done(run_dir, tasks)
-                    status = "ok" if code == 0 and not left else "failed"
-                    self.stages.add("eval", what, status, returncode=code, seconds=secs,
-                                    log=str(log), missing=left)
+        """One `archbench eval -m` over the runs (a failing run is one failed job, the others go
+        on) per evaluation call; a run whose records hold a task already is not evaluated again
+        on it."""
+        done_runs = [(b, d) for b, dirs in runs.items() for d in dirs if finished(d)]
+        for i, call in enumerate(evals):
+            name = "+".join(call.tasks)
+            todo: dict[tuple[str, ...], list[tuple[str, Path]]] = {}
+            for b, run_dir in done_runs:
+                missing = tuple(eval_done(run_dir, list(call.tasks)))
+                if missing:
+                    todo.setdefault(missing, []).append((b, run_dir))
+                else:
+                    print(f"  skipping eval {name} of {run_dir}: records present")
+                    self.stages.add("eval", f"{study}: {b} {name}", "skipped",
+                                    reason="records present")
+            for tasks, targets in todo.items():
+                names = ", ".join(b for b, _ in targets)
+                print(f"  eval {study} {'+'.join(tasks)}: {names} ...", flush=True)
+                log = self.sweep / "logs" / f"eval_{study}_{i}_{names.replace(', ', '_')}.log"
+                ckpts = ",".join(quote(str(d)) for _, d in targets)
+                cmd = [*self.exe, "eval", *self.overrides(list(call.overrides)),
+                       f"eval.tasks=[{','.join(tasks)}]", f"ckpt={ckpts}",
+                       f"hydra.sweep.dir={self.sweep / 'logs' / f'eval_{study}_{i}'}",
+                       "hydra.sweep.subdir=${hydra.job.num}", "-m"]
+                code, secs = run_stage(cmd, log)
+                for b, run_dir in targets:
+                    left = eval_done(run_dir, list(tasks))
+                    self.stages.add("eval", f"{study}: {b} {'+'.join(tasks)}",
+                                    "failed" if left else "ok", returncode=code,
+                                    seconds=secs / len(targets), log=str(log), missing=left)
 
     # ---- bench ----------------------------------------------------------------------------
     def bench(self, backbones: list[str]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,11 +224,16 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     register()
     lm = ArchbenchLM(model=model, tokenizer=tokenizer, batch_size=batch_size,
                      max_length=max_length)
-    return lm_eval.simple_evaluate(
+    results = lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
         task_manager=task_manager(), log_samples=False, random_seed=seed,
         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         bootstrap_iters=1000)
+    if results is None:  # lm-eval aggregates on LOCAL_RANK 0 only
+        raise RuntimeError("lm-eval returned no results: it aggregates only where LOCAL_RANK is 0 "
+                           f"(LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} here); run archbench "
+                           "eval outside a distributed launch")
+    return results
 
 
 def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -873,9 +873,9 @@ def section_provenance(rep: Report) -> bool:
     if rows:
         rep.lines += md_table(["backbone", "stage and source", "commit", "device", "versions",
                                "kernel paths"], rows)
-    commands = sorted({(r.get("provenance") or {}).get("command") for r in rep.col.records}
-                      | {(run.summary.get("provenance") or {}).get("command")
-                         for run in rep.col.runs} - {None})
+    commands = sorted(({(r.get("provenance") or {}).get("command") for r in rep.col.records}
+                       | {(run.summary.get("provenance") or {}).get("command")
+                          for run in rep.col.runs}) - {None})
     if commands:
         rep.lines += ["Commands:", "", "```", *commands, "```", ""]
     _stages(rep)

@@ -325,12 +325,17 @@ def test_llama_peer_is_the_same_network_and_decodes_with_its_cache() -> None:
 def test_peer_ratio_in_the_record_is_ours_over_the_peer(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.peers=true",
-                       "bench.modes=[train,memory]", "bench.contexts=[32]")
+                       "bench.modes=[train,memory]", "bench.contexts=[32]", "bench.peer_rounds=2")
     train, memory = runner.run_bench(cfg)
     peer = train["peer"]
     assert peer["name"] == "hf:LlamaForCausalLM" and peer["status"] == "ok"
     assert peer["params_total"] == train["params"]["total"]  # the same network
-    assert peer["ratio"] == pytest.approx(train["tokens_per_s"] / peer["tokens_per_s"])
+    first, second = peer["rounds"]  # ours and the peer, measured alternately twice
+    assert first["ours_tokens_per_s"] == train["tokens_per_s"]
+    assert first["peer_tokens_per_s"] == peer["tokens_per_s"]
+    for r in (first, second):
+        assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"])
+    assert peer["ratio"] == pytest.approx((first["ratio"] + second["ratio"]) / 2)
     assert memory["peer"] is None and any("no peer" in n for n in memory["notes"])
 
 

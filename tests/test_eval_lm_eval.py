@@ -111,7 +111,11 @@ def docs(name: str, n: int) -> list[dict]:
     return [json.loads(line) for line in lines[:n]]
 
 
-def test_an_offline_lm_eval_run_equals_our_own_evaluators(lm: ArchbenchLM) -> None:
+def test_an_offline_lm_eval_run_equals_our_own_evaluators(lm: ArchbenchLM,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # lm-eval aggregates only where LOCAL_RANK is 0; a rank left in the environment by an
+    # earlier test of a distributed launch must not decide this one
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     results = run_lm_eval(lm.model, lm.tokenizer, ["archbench_passkey", "archbench_heldout"],
                           batch_size=4, limit=3)
     got = {(r["task"], r["metric"]): r for r in result_rows(results)}

@@ -150,3 +150,27 @@ def test_local_launchers_compose_with_their_settings() -> None:
     local = instantiate(_launcher("hydra/launcher=submitit_local",
                                   "hydra.launcher.tasks_per_node=2"))
     assert local.params["tasks_per_node"] == 2 and local.params["timeout_min"] == 60
+
+
+@pytest.mark.slow
+def test_submitit_tasks_train_as_ranks(tmp_path: Path, cache_env: Path) -> None:
+    """The cluster path end to end, with submitit's local executor standing in for Slurm: one job
+    of two tasks with train.distributed=ddp is one 2-rank run (each task reads its rank from
+    submitit's environment), equal to a single process with the same global batch."""
+    from archbench.train.trainer import run_training
+
+    sweep = tmp_path / "sweep"
+    out = _sweep(sweep, cache_env, "hydra/launcher=submitit_local",
+                 "hydra.launcher.tasks_per_node=2", "train.distributed=ddp", "train.batch_size=8",
+                 "train.grad_accum=2", "train.log_every=1", "train.seed=0")
+    assert out.returncode == 0, out.stderr[-4000:]
+    logs = sorted(p.name for p in (sweep / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # two tasks
+    run_training(make_config(*TINY, "train.batch_size=8", "train.log_every=1"), tmp_path / "one")
+
+    def losses(run: Path) -> list[float]:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in lines if "loss" in r]
+
+    assert len(losses(sweep / "0")) == 2  # rank 0 alone wrote the metrics
+    assert losses(sweep / "0") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

@@ -98,6 +98,7 @@ def wrap(model: torch.nn.Module, ctx: DistContext, kind: str) -> torch.nn.Module
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # Every rank built the same initial weights from train.seed; each keeps its slice.
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)  # embeddings, final norm and (tied) head

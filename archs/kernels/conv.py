@@ -93,4 +93,4 @@ def causal_conv1d_step_cuda(
     """`causal_conv1d_step` through `causal_conv1d_update` (state of width - 1, in place)."""
     from causal_conv1d import causal_conv1d_update
 
-    return causal_conv1d_update(x, conv_state, weight, bias, activation="silu")
+    return causal_conv1d_update(x.contiguous(), conv_state, weight, bias, activation="silu")

@@ -33,23 +33,29 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+LOG2E = 1.4426950408889634
+
+
 def _chunk_states(
     a: torch.Tensor,
     h: torch.Tensor,
     dt: torch.Tensor,
     du: torch.Tensor,
-    A: torch.Tensor,
+    A2: torch.Tensor,
     B: torch.Tensor,
     h_start: torch.Tensor,
 ) -> None:
     """Fill `a` with exp(delta * A) and `h` with the states of one chunk, from `h_start`.
 
-    Buffers are time-major (n, batch, D, N) so each step touches one contiguous slab.
-    dt, du: (n, batch, D) time-major views; B: (n, batch, N).
+    Buffers are time-major and state-major, (n, batch, N, D): each step updates one contiguous
+    slab, and the contractions over N become (1 x N) @ (N x D) products, which run about 7x faster
+    on CPU than the (D x N) @ (N x 1) products of a (D, N) layout. dt, du: (n, batch, D);
+    A2 = A^T * log2(e), (N, D): exp2 is ~3x faster than exp and has no slow path when the decay
+    underflows (exp's vectorised path falls back ~25x slower there). B: (n, batch, N).
     """
-    torch.mul(dt.unsqueeze(-1), A, out=a)
-    a.exp_()
-    torch.mul(du.unsqueeze(-1), B.unsqueeze(-2), out=h)  # the input term delta * u * B
+    torch.mul(dt.unsqueeze(-2), A2, out=a)
+    torch.exp2(a, out=a)
+    torch.mul(B.unsqueeze(-1), du.unsqueeze(-2), out=h)  # the input term delta * u * B
     h[0].addcmul_(a[0], h_start)
     for t in range(1, h.shape[0]):
         h[t].addcmul_(a[t], h[t - 1])
@@ -61,14 +67,15 @@ def _scan_forward(
     A: torch.Tensor,  # (D, N)
     B: torch.Tensor,  # (L, batch, N)
     C: torch.Tensor,  # (L, batch, N)
-    h0: torch.Tensor,  # (batch, D, N)
+    h0: torch.Tensor,  # (batch, N, D)
     chunk: int,
     keep_starts: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """y (L, batch, D), the final state, and (if asked) each chunk's start state for backward."""
+    """y (L, batch, D), the final state (batch, N, D), and (if asked) each chunk's start state."""
     length, batch, dim = u.shape
     du = dt * u
-    a_buf = torch.empty(min(chunk, length), batch, dim, A.shape[1], dtype=u.dtype, device=u.device)
+    A2 = (A.t() * LOG2E).contiguous()
+    a_buf = torch.empty(min(chunk, length), batch, A.shape[1], dim, dtype=u.dtype, device=u.device)
     h_buf = torch.empty_like(a_buf)
     y = torch.empty(length, batch, dim, dtype=u.dtype, device=u.device)
     starts, h_prev = [], h0
@@ -76,8 +83,8 @@ def _scan_forward(
         n = min(chunk, length - c0)
         sl = slice(c0, c0 + n)
         a, h = a_buf[:n], h_buf[:n]
-        _chunk_states(a, h, dt[sl], du[sl], A, B[sl], h_prev)
-        torch.matmul(h, C[sl].unsqueeze(-1), out=y[sl].unsqueeze(-1))
+        _chunk_states(a, h, dt[sl], du[sl], A2, B[sl], h_prev)
+        torch.matmul(C[sl].unsqueeze(-2), h, out=y[sl].unsqueeze(-2))
         if keep_starts:
             starts.append(h_prev)
         h_prev = h[n - 1].clone()
@@ -85,7 +92,8 @@ def _scan_forward(
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
-    """y (L, batch, D) and the final state from time-major inputs; see the module docstring."""
+    """y (L, batch, D) and the final state (batch, N, D) from time-major inputs and a state-major
+    initial state; see the module docstring."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -116,38 +124,40 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         n_state = A.shape[1]
         gy = gy.to(dt.dtype)
         du = dt * u
+        A2, A_t = (A.t() * LOG2E).contiguous(), A.t().contiguous()
         size = min(chunk, length)
-        a_buf = torch.empty(size, batch, dim, n_state, dtype=dt.dtype, device=u.device)
+        a_buf = torch.empty(size, batch, n_state, dim, dtype=dt.dtype, device=u.device)
         h_buf, g_buf = torch.empty_like(a_buf), torch.empty_like(a_buf)
+        g_A_acc = torch.zeros_like(a_buf)  # summed over (time, batch) once at the end
         g_dt = torch.empty_like(dt)  # the part through the decay exp(delta * A)
         g_du = torch.empty_like(dt)  # the part through the input term delta * u
         g_B, g_C = torch.empty_like(B), torch.empty_like(C)
-        g_A = torch.zeros_like(A)
-        carry = torch.zeros(batch, dim, n_state, dtype=dt.dtype, device=u.device)
+        carry = torch.zeros(batch, n_state, dim, dtype=dt.dtype, device=u.device)
         chunk_starts = list(range(0, length, chunk))
         for k in reversed(range(len(chunk_starts))):
             c0 = chunk_starts[k]
             n = min(chunk, length - c0)
             sl = slice(c0, c0 + n)
             a, h, g = a_buf[:n], h_buf[:n], g_buf[:n]
-            _chunk_states(a, h, dt[sl], du[sl], A, B[sl], starts[k])
-            # Adjoint recurrence: G_t = gy_t C_t + exp(delta_{t+1} A) G_{t+1}.
-            torch.mul(gy[sl].unsqueeze(-1), C[sl].unsqueeze(-2), out=g)
+            _chunk_states(a, h, dt[sl], du[sl], A2, B[sl], starts[k])
+            # Adjoint recurrence: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}.
+            torch.mul(C[sl].unsqueeze(-1), gy[sl].unsqueeze(-2), out=g)
             g[n - 1].add_(carry)
             for t in range(n - 2, -1, -1):
                 g[t].addcmul_(a[t + 1], g[t + 1])
-            torch.matmul(gy[sl].unsqueeze(-2), h, out=g_C[sl].unsqueeze(-2))
-            torch.matmul(g, B[sl].unsqueeze(-1), out=g_du[sl].unsqueeze(-1))
-            torch.matmul(du[sl].unsqueeze(-2), g, out=g_B[sl].unsqueeze(-2))
+            torch.matmul(h, gy[sl].unsqueeze(-1), out=g_C[sl].unsqueeze(-1))
+            torch.matmul(B[sl].unsqueeze(-2), g, out=g_du[sl].unsqueeze(-2))
+            torch.matmul(g, du[sl].unsqueeze(-1), out=g_B[sl].unsqueeze(-1))
             # Through the decay: dL/d(delta A) = G_t * exp(delta_t A) * h_{t-1} =: Q_t.
             a.mul_(g)
             carry = a[0].clone()  # dL/dh at the chunk's start state
             a[0].mul_(starts[k])
             a[1:].mul_(h[:-1])
-            g_A.add_((a * dt[sl].unsqueeze(-1)).sum(dim=(0, 1)))
-            torch.sum(a.mul_(A), dim=-1, out=g_dt[sl])
+            g_A_acc[:n].addcmul_(a, dt[sl].unsqueeze(-2))
+            torch.sum(a.mul_(A_t), dim=-2, out=g_dt[sl])
         g_dt.addcmul_(g_du, u)
         g_u = g_du.mul_(dt)
+        g_A = g_A_acc.sum(dim=(0, 1)).t()
         return g_dt, g_u, g_A, g_B, g_C, carry, None
 
 
@@ -173,17 +183,15 @@ def selective_scan_chunked(
         cdt = _compute_dtype(u, delta, A)
         initial_state = torch.zeros(batch, dim, A.shape[1], dtype=cdt, device=u.device)
     args = (delta.transpose(0, 1), u.transpose(0, 1), A, B.transpose(0, 1), C.transpose(0, 1))
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*args, initial_state)
-    )
+    h0 = initial_state.transpose(1, 2).contiguous()  # the kernel keeps states as (batch, N, D)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0))
     if needs_grad:
-        y, last = _ChunkedSelectiveScan.apply(*args, initial_state, chunk_size)
+        y, last = _ChunkedSelectiveScan.apply(*args, h0, chunk_size)
     else:  # inference: no boundary states to keep
-        cdt = _compute_dtype(*args, initial_state)
+        cdt = _compute_dtype(*args, h0)
         dt_, u_, A_, B_, C_ = (t.to(cdt) for t in args)
-        y, last, _ = _scan_forward(
-            dt_, u_, A_, B_, C_, initial_state.to(cdt), chunk_size, keep_starts=False
-        )
+        y, last, _ = _scan_forward(dt_, u_, A_, B_, C_, h0.to(cdt), chunk_size, keep_starts=False)
+    last = last.transpose(1, 2)
     y = y.transpose(0, 1)
     if D is not None:
         y = y + u * D

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+LOG2E = 1.4426950408889634
+
 
 def _chunked(t: torch.Tensor, chunk: int) -> torch.Tensor:
     """(b, L, ...) -> (b, L / chunk, chunk, ...); L must be a multiple of chunk."""
@@ -58,21 +60,23 @@ def ssd_chunked(
     x_dt = x_dt.reshape(batch, n_chunks, groups, per_group, q, hdim)
     B_c = _chunked(Bf, q).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, g, 1, q, n)
     C_c = _chunked(Cf, q).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, g, 1, q, n)
-    s = torch.cumsum(dt_c * A.to(cdt).view(heads, 1), dim=-1)  # (b, c, h, q)
+    # Log-decays in base 2: exp2 is ~3x faster than exp on CPU and has no slow path when a long
+    # chunk's decay underflows (exp's vectorised path falls back ~25x slower there).
+    s = torch.cumsum(dt_c * (A.to(cdt) * LOG2E).view(heads, 1), dim=-1)  # (b, c, h, q)
     s = s.view(batch, n_chunks, groups, per_group, q)
 
     # 1. Intra-chunk, quadratic: (C B^T) masked by the segment-sum decay.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
     seg = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
     scores = torch.matmul(C_c, B_c.transpose(-1, -2))  # (b, c, g, 1, q, q)
-    y = torch.matmul(scores * torch.exp(seg), x_dt)  # (b, c, g, h/g, q, p)
+    y = torch.matmul(scores * torch.exp2(seg), x_dt)  # (b, c, g, h/g, q, p)
 
     # 2. Each chunk's final state from a zero start: (p x q) @ (q x n).
-    to_end = torch.exp(s[..., -1:] - s)  # (b, c, g, h/g, q)
+    to_end = torch.exp2(s[..., -1:] - s)  # (b, c, g, h/g, q)
     chunk_states = torch.matmul((x_dt * to_end.unsqueeze(-1)).transpose(-1, -2), B_c)
 
     # 3. Pass states across chunks.
-    chunk_decay = torch.exp(s[..., -1])  # (b, c, g, h/g)
+    chunk_decay = torch.exp2(s[..., -1])  # (b, c, g, h/g)
     if initial_state is None:
         state = x.new_zeros((batch, groups, per_group, hdim, n_state), dtype=cdt)
     else:
@@ -84,7 +88,7 @@ def ssd_chunked(
     states_in = torch.stack(entering, dim=1)  # (b, c, g, h/g, p, n)
 
     # 4. Contribution of the state entering each chunk: (q x n) @ (n x p), decayed to t.
-    y = y + torch.matmul(C_c, states_in.transpose(-1, -2)) * torch.exp(s).unsqueeze(-1)
+    y = y + torch.matmul(C_c, states_in.transpose(-1, -2)) * torch.exp2(s).unsqueeze(-1)
 
     y = y.reshape(batch, n_chunks, heads, q, hdim).permute(0, 1, 3, 2, 4)
     y = y.reshape(batch, n_chunks * q, heads, hdim)[:, :length]

@@ -113,8 +113,10 @@ def is_oom(exc: BaseException) -> bool:
 # ---- decoding-cache snapshots ------------------------------------------------------------------
 
 
-def snapshot_cache(cache: Any) -> dict[str, Any]:
-    """A copy of every tensor and scalar of a ModelCache (states, position, extras)."""
+def snapshot_cache(cache: Any, tensors: bool = True,
+                   to: torch.device | str | None = None) -> dict[str, Any]:
+    """A copy of a ModelCache's scalars (position, per-layer lengths) and, with `tensors`, of
+    every state tensor (placed on `to`, e.g. the host, so that a GPU cache is not doubled)."""
     states = []
     for pair in cache.states:
         saved = []
@@ -122,15 +124,28 @@ def snapshot_cache(cache: Any) -> dict[str, Any]:
             if state is None:
                 saved.append(None)
                 continue
-            saved.append({f.name: _copy_value(getattr(state, f.name)) for f in fields(state)})
+            values = {}
+            for f in fields(state):
+                value = getattr(state, f.name)
+                if isinstance(value, torch.Tensor):
+                    if tensors:
+                        values[f.name] = value.detach().to(to or value.device, copy=True)
+                else:
+                    values[f.name] = copy.deepcopy(value)
+            saved.append(values)
         states.append(saved)
-    return {"states": states, "pos": cache.pos,
-            "extra": {k: _copy_value(v) for k, v in cache.extra.items()}}
+    return {"states": states, "pos": cache.pos, "extra": _copy(cache.extra)}
 
 
 def restore_cache(cache: Any, saved: dict[str, Any]) -> None:
-    """Put a snapshot back in place: tensors are copied into the existing buffers (their addresses
-    do not change, which CUDA graph replay relies on); scalars are reassigned."""
+    """Put a snapshot back. Tensors are copied into the existing buffers (their addresses do not
+    change, which CUDA graph replay relies on); scalars are reassigned.
+
+    A scalars-only snapshot resets the positions and leaves the tensors as they are: that is
+    what timed decode repeats use. It costs no memory, and a decoding step costs the same
+    whatever values the state holds: attention overwrites the positions it decodes before
+    reading them, and a recurrent state is read and written whole at every step.
+    """
     for pair, saved_pair in zip(cache.states, saved["states"], strict=True):
         for state, values in zip(pair, saved_pair, strict=True):
             if state is None:
@@ -141,12 +156,14 @@ def restore_cache(cache: Any, saved: dict[str, Any]) -> None:
                         and current.shape == value.shape:
                     current.copy_(value)
                 else:
-                    setattr(state, name, _copy_value(value))
+                    setattr(state, name, _copy(value))
     cache.pos = saved["pos"]
-    cache.extra = {k: _copy_value(v) for k, v in saved["extra"].items()}
+    cache.extra = _copy(saved["extra"])
 
 
-def _copy_value(value: Any) -> Any:
+def _copy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
     return copy.deepcopy(value)

@@ -29,7 +29,10 @@ does not apply to the mode; the CSV holds the scalar ones):
   error             the exception (type: message) when not ok, else None
   notes             list of strings: skipped peers, budgets, inferred OOMs, graph checks
   median_s          median seconds of one timed unit: a training step; a prefill (fresh cache +
-                    prompt); decode: all G new tokens. None for memory / max_context
+                    prompt); decode: all G new tokens, fed one at a time (fixed random tokens:
+                    the cost of a step does not depend on the token, and sampling is not
+                    measured; repeats restart from the prefilled positions). None for memory /
+                    max_context
   spread            {"q1", "q3", "iqr", "min", "max", "n"} of the timed repeats, seconds
   tokens_per_s      train, prefill: batch * context / median_s; decode: batch * G / median_s
   per_token_s       decode only: median_s / G (latency of one decoding step)
@@ -64,9 +67,13 @@ does not apply to the mode; the CSV holds the scalar ones):
                     limit: bench.max_context_limit; rss_budget_bytes (CPU)
   peer              None (no peer asked, none exists, or not installed: see notes), or
                     {"name", "status", "tokens_per_s", "median_s", "per_token_s", "ratio",
-                    "ratio_basis", "peak_bytes", "first_call_s", "params_total", "error"};
-                    ratio = our tokens_per_s / the peer's (> 1: ours is faster); ratio_basis
-                    "eager" for decode (our eager decoding against the peer's eager decoding)
+                    "ratio_basis", "peak_bytes", "first_call_s", "params_total", "error",
+                    "rounds"}; ratio = our tokens_per_s / the peer's (> 1: ours is faster);
+                    ratio_basis "eager" for decode (our eager decoding against the peer's eager
+                    decoding). With bench.peer_rounds = R > 1, ours and the peer are measured
+                    R times alternately (each in a fresh process) and ratio is the median of the
+                    R per-round ratios, listed in rounds (the record's own timing fields are
+                    from the first round): a shared machine's load drifts, alternation cancels it
   provenance        archbench.provenance.provenance(device): git, versions, device, command
   config            the resolved config
 """
@@ -76,6 +83,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +236,12 @@ class Bench:
 
     def peer_of(self, mode: str, context: int, batch: int,
                 ours: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+        """The peer's measurement as a record's `peer`, with bench.peer_rounds alternations."""
         result = self.measure(self.task(mode, context, batch, which="peer"))
         if result["status"] == "skipped":
             return None, [n for n in result.get("notes", []) if n]
-        mine = ours.get("eager_tokens_per_s") if mode == "decode" else ours.get("tokens_per_s")
         theirs = result.get("tokens_per_s") if result["status"] == "ok" else None
+        mine = _ours_speed(mode, ours)
         peer = {
             "name": result.get("peer_name"), "status": result["status"],
             "tokens_per_s": theirs, "median_s": result.get("median_s"),
@@ -241,9 +250,22 @@ class Bench:
             "ratio_basis": "eager" if mode == "decode" else "same",
             "peak_bytes": result.get("peak_bytes"), "first_call_s": result.get("first_call_s"),
             "params_total": (result.get("params") or {}).get("total"),
-            "error": result.get("error"),
+            "error": result.get("error"), "rounds": None,
         }
         notes = [f"peer: {n}" for n in result.get("notes", []) if n]
+        if peer["ratio"] is not None and int(self.bench.peer_rounds) > 1:
+            pairs = [(mine, theirs)]
+            for _ in range(int(self.bench.peer_rounds) - 1):
+                again = self.measure(self.task(mode, context, batch))
+                other = self.measure(self.task(mode, context, batch, which="peer"))
+                if again["status"] == other["status"] == "ok":
+                    pairs.append((_ours_speed(mode, again), other["tokens_per_s"]))
+            ratios = [a / b for a, b in pairs]
+            peer["rounds"] = [{"ours_tokens_per_s": a, "peer_tokens_per_s": b, "ratio": a / b}
+                              for a, b in pairs]
+            peer["ratio"] = statistics.median(ratios)
+            notes.append(f"peer ratio: median of {len(ratios)} alternating rounds "
+                         f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
         return peer, notes
 
     # ---- the sweep -----------------------------------------------------------------------------
@@ -359,6 +381,11 @@ def search_max_context(probe: Any, start: int, limit: int, step: int
             else:
                 bad = mid
     return good, probes, bad
+
+
+def _ours_speed(mode: str, result: dict[str, Any]) -> float | None:
+    """Our tokens/s as compared with a peer: eager decoding for decode (the peers run eager)."""
+    return result.get("eager_tokens_per_s") if mode == "decode" else result.get("tokens_per_s")
 
 
 def _progress(rec: dict[str, Any]) -> None:

@@ -184,16 +184,16 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
         cache = model.init_cache(batch, context + new, device, dtype)
         with last_logits_only(model):
             model(prompt, cache)
-        saved = snapshot_cache(cache)
+        positions = snapshot_cache(cache, tensors=False)
 
         def eager_step() -> None:
             for i in range(new):
                 model(steps[:, i : i + 1], cache)
 
-        timing = _time(task, device, eager_step, setup=lambda: restore_cache(cache, saved))
+        timing = _time(task, device, eager_step, setup=lambda: restore_cache(cache, positions))
         eager = timing
         if device.type == "cuda" and bench.cuda_graphs:
-            decoder, info = graph_decoder_or_reason(model, cache, saved, steps,
+            decoder, info = graph_decoder_or_reason(model, cache, positions, steps,
                                                     GRAPH_TOLERANCE[task["dtype"]], bench.warmup)
             out.update(info)
             if decoder is not None:
