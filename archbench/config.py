@@ -308,6 +308,7 @@ class CompareConfig:
     sweep_dir: str = "multirun/compare"
     out: str = "reports/latest"
     title: str = "archbench compare"
+    dry_run: bool = False  # print the stage commands, run nothing
 
 
 @dataclass

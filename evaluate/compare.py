@@ -128,14 +128,15 @@ class Stages:
     """Stage records of this invocation: what ran, how long, how it ended (the report reads
     them; a failed stage is flagged there)."""
 
-    path: Path
+    path: Path | None  # None: a dry run writes nothing
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, stage: str, what: str, status: str, **extra: Any) -> dict[str, Any]:
         rec = {"kind": "stage", "stage": stage, "what": what, "status": status, **extra}
         self.records.append(rec)
-        write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n"
-                                             for r in self.records))
+        if self.path is not None:
+            write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n"
+                                                 for r in self.records))
         return rec
 
 
@@ -224,12 +225,14 @@ class Comparison:
         self.cfg = compose(self.experiment, [*own, *self.stage_overrides])
         self.cc = self.cfg.compare
         self.sweep = Path(self.cc.sweep_dir)
-        self.sweep.mkdir(parents=True, exist_ok=True)
-        self.stages = Stages(self.sweep / "stages.jsonl")
+        self.dry = bool(self.cc.dry_run)
+        if not self.dry:
+            self.sweep.mkdir(parents=True, exist_ok=True)
+        self.stages = Stages(None if self.dry else self.sweep / "stages.jsonl")
         self.exe = archbench_exe()
         self.arch_overrides: dict[str, list[str]] = {
             k: list(v) for k, v in OmegaConf.to_container(self.cc.arch_overrides).items()}
-        self.report_inputs: list[Path] = [self.stages.path]
+        self.report_inputs: list[Path] = [self.sweep / "stages.jsonl"]
 
     def overrides(self, extra: list[str], arch_ov: list[str] = ()) -> list[str]:
         """A stage's overrides: the study's, the backbone's, then the user's (which win)."""
@@ -268,6 +271,15 @@ class Comparison:
         for name in backbones:
             out.setdefault(tuple(self.arch_overrides.get(name, [])), []).append(name)
         return [(list(k), v) for k, v in out.items()]
+
+    def outcome(self, ok: bool) -> str:
+        return "dry-run" if self.dry else "ok" if ok else "failed"
+
+    def stage(self, cmd: list[str], log: Path) -> tuple[int, float]:
+        if self.dry:
+            print("    $ " + " ".join(cmd))
+            return 0, 0.0
+        return run_stage(cmd, log)
 
     def jobs(self, folder: Path, extra: list[str], name: str) -> list[tuple[Path, list[str]]]:
         """(run folder, overrides) of each job that `-m` over `extra` gives backbone `name`."""
@@ -335,10 +347,10 @@ class Comparison:
             print(f"  train {what} ...", flush=True)
             log = self.sweep / "logs" / f"train_{study}_{'_'.join(todo)}.log"
             cmd = self.sweep_cmd("train", folder, [*extra, "train.progress=false"], arch_ov, todo)
-            code, secs = run_stage(cmd, log)
+            code, secs = self.stage(cmd, log)
             for b in todo:
                 ok = all(finished(d) for d in runs[b])
-                self.stages.add("train", f"{study}: {b}", "ok" if ok else "failed",
+                self.stages.add("train", f"{study}: {b}", self.outcome(ok),
                                 returncode=code, seconds=secs / len(todo), log=str(log))
         return runs
 
@@ -347,7 +359,7 @@ class Comparison:
         """One `archbench eval -m` over the runs (a failing run is one failed job, the others go
         on) per evaluation call; a run whose records hold a task already is not evaluated again
         on it."""
-        done_runs = [(b, d) for b, dirs in runs.items() for d in dirs if finished(d)]
+        done_runs = [(b, d) for b, dirs in runs.items() for d in dirs if finished(d) or self.dry]
         for i, call in enumerate(evals):
             name = "+".join(call.tasks)
             todo: dict[tuple[str, ...], list[tuple[str, Path]]] = {}
@@ -368,11 +380,11 @@ class Comparison:
                        f"eval.tasks=[{','.join(tasks)}]", f"ckpt={ckpts}",
                        f"hydra.sweep.dir={self.sweep / 'logs' / f'eval_{study}_{i}'}",
                        "hydra.sweep.subdir=${hydra.job.num}", "-m"]
-                code, secs = run_stage(cmd, log)
+                code, secs = self.stage(cmd, log)
                 for b, run_dir in targets:
                     left = eval_done(run_dir, list(tasks))
                     self.stages.add("eval", f"{study}: {b} {'+'.join(tasks)}",
-                                    "failed" if left else "ok", returncode=code,
+                                    self.outcome(not left), returncode=code,
                                     seconds=secs / len(targets), log=str(log), missing=left)
 
     # ---- bench ----------------------------------------------------------------------------
@@ -401,15 +413,15 @@ class Comparison:
                         (d / "records.jsonl").unlink()
             print(f"  bench {', '.join(todo)} ...", flush=True)
             log = self.sweep / "logs" / f"bench_{'_'.join(todo)}.log"
-            code, secs = run_stage(self.sweep_cmd("bench", folder, extra, arch_ov, todo), log)
+            code, secs = self.stage(self.sweep_cmd("bench", folder, extra, arch_ov, todo), log)
             for b in todo:
                 ok = all((d / "bench.csv").is_file() for d in dirs[b])
-                self.stages.add("bench", b, "ok" if ok else "failed", returncode=code,
+                self.stages.add("bench", b, self.outcome(ok), returncode=code,
                                 seconds=secs / len(todo), log=str(log))
         self.report_inputs += [d for ds in dirs.values() for d in ds if d.is_dir()]
 
     # ---- all ------------------------------------------------------------------------------
-    def run(self) -> Path:
+    def run(self) -> Path | None:
         began = time.time()
         print(f"archbench compare: experiment {self.experiment}, sweep folder {self.sweep}")
         backbones = self.lineup()
@@ -420,6 +432,8 @@ class Comparison:
             self.report_inputs += [d for ds in runs.values() for d in ds if d.is_dir()]
         if self.cc.bench:
             self.bench(backbones)
+        if self.dry:
+            return None
         return self.report(time.time() - began)
 
     def report(self, seconds: float) -> Path:
@@ -439,7 +453,8 @@ class Comparison:
             f"(batch {t.batch_size} × {t.seq_len} tokens), seed {t.seed}; benchmark preset "
             f"`{self.cfg.bench.name}`.", "",
         ]
-        path, _ = build_report(self.report_inputs, self.cc.out, self.cc.title, preamble)
+        path, _ = build_report(self.report_inputs, self.cc.out, self.cc.title, preamble,
+                               command=f"archbench compare {' '.join(self.argv)}".strip())
         return path
 
 
@@ -460,6 +475,9 @@ def main(argv: list[str]) -> None:
         return
     comparison = Comparison(argv)
     path = comparison.run()
+    if path is None:
+        print("dry run (compare.dry_run=true): nothing was run")
+        return
     failed = [r for r in comparison.stages.records if r["status"] == "failed"]
     print(f"report: {path}")
     if failed:

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 # Fixed colours for the known backbones (colour-blind-friendly where possible), so the same
 # backbone looks the same in every report, not only within one.
@@ -91,21 +92,60 @@ def finish(fig: plt.Figure, path: Path, title: str | None = None) -> Path:
     return path
 
 
+def human_tick(value: float, _pos: Any = None) -> str:
+    """Tick labels people read: 512, 2K, 1.5M (not 2^9 or 5x10^2)."""
+    if value == 0:
+        return "0"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def bytes_tick(value: float, _pos: Any = None) -> str:
+    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {suffix}"
+    return f"{value:.3g} B"
+
+
 def label_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str | None = None,
                xs: Iterable[float] = (), ys: Iterable[float] = (), logx: bool | None = None,
-               logy: bool | None = None) -> None:
-    """Axis labels (with units, by the caller), a light grid, and log scales where data spans
-    decades (or where forced)."""
+               logy: bool | None = None, ybytes: bool = False) -> None:
+    """Axis labels (with units, by the caller), a light grid, log scales where data spans
+    decades (or where forced), and plain-number ticks on log axes."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     if logx if logx is not None else spans_decades(xs):
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ys = list(ys)
+    fmt = FuncFormatter(bytes_tick if ybytes else human_tick)
     if logy if logy is not None else spans_decades(ys):
         ax.set_yscale("log")
+        # Under a decade of range a log axis has no major tick inside: label the minor ones.
+        ax.yaxis.set_minor_formatter(NullFormatter() if spans_decades(ys, 10.0) else fmt)
+        ax.yaxis.set_major_formatter(fmt)
+        if ybytes and spans_decades(ys, 2.0):  # 128 KiB, 256 KiB, ... rather than 195 KiB
+            ax.yaxis.set_major_locator(LogLocator(base=2))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    elif ybytes:
+        ax.yaxis.set_major_formatter(fmt)
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", alpha=0.1)
+
+
+def context_axis(ax: plt.Axes, contexts: Iterable[float]) -> None:
+    """Contexts are powers of two or near: a log-2 axis with a tick at every measured value."""
+    values = sorted({float(c) for c in contexts if c})
+    if not values:
+        return
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(values, [human_tick(v) for v in values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def legend(ax: plt.Axes) -> None:
@@ -161,8 +201,7 @@ def heatmap(ax: plt.Axes, grid: np.ndarray, xticks: Sequence[Any], yticks: Seque
     """A value grid (rows = y, columns = x) with every cell's value written in it; empty cells
     (NaN: not measured) stay white so they cannot be read as zero."""
     masked = np.ma.masked_invalid(grid)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     image = ax.imshow(masked, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto", origin="lower")
     ax.set_xticks(range(len(xticks)), [str(t) for t in xticks])
     ax.set_yticks(range(len(yticks)), [str(t) for t in yticks])

@@ -197,6 +197,16 @@ def test_an_induced_oom_is_recorded_and_the_sweep_goes_on(
     assert len(read_jsonl(tmp_path / "records.jsonl")) == 9
 
 
+def test_a_kernel_that_cannot_run_is_an_error_record_and_the_sweep_goes_on(
+    tmp_path: Path
+) -> None:
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.modes=[memory]",
+                       "bench.contexts=[16,32]", "arch.attention.kernels=cuda")
+    records = runner.run_bench(cfg)
+    assert [r["status"] for r in records] == ["error", "error"]  # both contexts were tried
+    assert all("cannot run" in r["error"] for r in records)
+
+
 def test_oom_recognition() -> None:
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ..."))

@@ -182,7 +182,8 @@ def test_a_slurm_task_is_a_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a submitit Slurm job with several tasks, each task reads its rank from Slurm."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # registers the variable, so teardown removes what the
+        monkeypatch.delenv(var)  # export below writes into os.environ
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_PROCID": "3",
              "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",

@@ -282,6 +282,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
         if is_main:
             wall = time.time() - started
             summary = {
+                **meta, "arch_config": meta["arch"],
                 "status": status, "run": run_name, "arch": cfg.arch.name, "size": cfg.size.name,
                 "step": step, "total_steps": total_steps, "tokens_seen": step * tokens_per_step,
                 "tokens_budget": budget, "wall_time_s": wall,
@@ -289,7 +290,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                 "final": last_eval, "dtype": str(amp_dtype or torch.float32),
                 "seed": tcfg.seed, "layer_plan": [list(p) for p in model.plan],
                 "flops_per_token": model.flops_per_token(tcfg.seq_len),
-                "provenance": provenance(device), **meta,
+                "provenance": provenance(device),
             }
             if error is not None:
                 summary["error"] = error

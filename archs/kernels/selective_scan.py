@@ -127,7 +127,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         A2, A_t = (A.t() * LOG2E).contiguous(), A.t().contiguous()
         size = min(chunk, length)
         a_buf = torch.empty(size, batch, n_state, dim, dtype=dt.dtype, device=u.device)
-        h_buf, g_buf = torch.empty_like(a_buf), torch.empty_like(a_buf)
+        h_buf, g_buf, tmp_buf = (torch.empty_like(a_buf) for _ in range(3))
         g_A_acc = torch.zeros_like(a_buf)  # summed over (time, batch) once at the end
         g_dt = torch.empty_like(dt)  # the part through the decay exp(delta * A)
         g_du = torch.empty_like(dt)  # the part through the input term delta * u
@@ -145,9 +145,12 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             g[n - 1].add_(carry)
             for t in range(n - 2, -1, -1):
                 g[t].addcmul_(a[t + 1], g[t + 1])
-            torch.matmul(h, gy[sl].unsqueeze(-1), out=g_C[sl].unsqueeze(-1))
+            # Contractions over D as multiply + sum: MKL's batched (N x D) @ (D x 1) products are
+            # ~7x slower here than this two-pass form.
+            tmp = tmp_buf[:n]
+            torch.sum(torch.mul(h, gy[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_C[sl])
+            torch.sum(torch.mul(g, du[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_B[sl])
             torch.matmul(B[sl].unsqueeze(-2), g, out=g_du[sl].unsqueeze(-2))
-            torch.matmul(g, du[sl].unsqueeze(-1), out=g_B[sl].unsqueeze(-1))
             # Through the decay: dL/d(delta A) = G_t * exp(delta_t A) * h_{t-1} =: Q_t.
             a.mul_(g)
             carry = a[0].clone()  # dL/dh at the chunk's start state

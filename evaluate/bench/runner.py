@@ -300,6 +300,8 @@ class Bench:
         start = min(min(int(c) for c in self.bench.contexts), limit)
         budget = self.rss_budget
         notes = []
+        if self.device.type == "cpu" and budget is not None:
+            notes.append(f"CPU: RSS budget {budget / 2**30:.2f} GiB per probe (RLIMIT_DATA)")
         if self.device.type == "cpu" and budget is None:
             free = available_bytes()
             if free:

@@ -1,0 +1,361 @@
+"""Report sections on cost and origin: the at-a-glance summary, efficiency (throughput, memory,
+max context, peers) and provenance (commands, code, devices, kernel paths, everything flagged).
+
+Bench records are documented in evaluate/bench/runner.py; every number here is a median of timed
+repeats taken by that runner, never recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from archbench.evaluate import plots
+from archbench.evaluate.report_data import (
+    Report,
+    human,
+    human_bytes,
+    md_table,
+    mean_spread,
+    params_key,
+)
+
+REFERENCE_PREFIXES = ("torch", "sdpa:math")
+
+
+# ---- summary ----------------------------------------------------------------------------------
+
+def section_summary(rep: Report) -> bool:
+    """One row per backbone with the headline number of every section that has data."""
+    col = rep.col
+    labels = rep.labels.ordered(
+        [r.label for r in col.runs if r.task is None and r.finished]
+        + [rep.labels.of(r) for r in col.bench()])
+    if not labels:
+        return False
+    columns: list[tuple[str, dict[str, str]]] = []
+    runs = rep.runs()
+    if runs:
+        columns.append(("val bits/byte ↓", {
+            lb: mean_spread([(r.summary.get("final") or {}).get("bpb") for r in rs], 3)
+            for lb, rs in runs.items()}))
+    for mode, head in (("train", "train tok/s ↑"), ("prefill", "prefill tok/s ↑"),
+                       ("decode", "decode tok/s ↑")):
+        at = _at_longest(rep, col.bench(mode), "tokens_per_s")
+        if at:
+            columns.append((f"{head} @{human(max(c for c, _ in at.values()))}",
+                            {lb: human(v) for lb, (_, v) in at.items()}))
+    state = _at_longest(rep, [r for r in col.bench() if r.get("state_bytes_measured")],
+                        "state_bytes_measured")
+    if state:
+        columns.append((f"cache/state bytes @{human(max(c for c, _ in state.values()))} ↓",
+                        {lb: human_bytes(v) for lb, (_, v) in state.items()}))
+    for name, head in (("passkey", "passkey (mean) ↑"), ("mqar", "MQAR (mean) ↑")):
+        recs = [r for r in col.evals(name) if r.get("primary")]
+        if recs:
+            vals: dict[str, list[float]] = defaultdict(list)
+            for r in recs:
+                vals[rep.labels.of(r)].append(r["value"])
+            columns.append((head, {lb: f"{np.mean(v):.2f}" for lb, v in vals.items()}))
+    if not columns:
+        return False
+    rep.lines += ["## Summary", ""]
+    rows = [[f"**{lb}**", *(cells.get(lb, "–") for _, cells in columns)] for lb in labels]
+    rep.lines += md_table(["backbone", *(head for head, _ in columns)], rows)
+    rep.lines += ["Throughput and state at the longest context measured for that backbone (batch "
+                  "1 where measured); details and the exact settings below. ↑ higher is better, "
+                  "↓ lower.", ""]
+    return True
+
+
+def _at_longest(rep: Report, recs: list[dict[str, Any]], key: str
+                ) -> dict[str, tuple[float, float]]:
+    """label -> (context, median value) at the longest context with a value (smallest batch)."""
+    recs, _ = _one_batch(recs)
+    out: dict[str, tuple[float, float]] = {}
+    for label, pts in _series(rep, recs, key).items():
+        if pts:
+            out[label] = pts[-1]
+    return out
+
+
+# ---- efficiency -------------------------------------------------------------------------------
+
+def _one_batch(recs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """Curves against context are drawn at one batch size (the smallest measured)."""
+    batches = sorted({r.get("batch") for r in recs if r.get("batch") is not None})
+    if not batches:
+        return recs, None
+    return [r for r in recs if r.get("batch") == batches[0]], batches[0]
+
+
+def _series(rep: Report, recs: list[dict[str, Any]], y: str,
+            transform: Any = None) -> dict[str, list[tuple[float, float]]]:
+    """label -> sorted [(context, median of y)]."""
+    out: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        value = transform(r) if transform else r.get(y)
+        if value is not None and r.get("context") is not None:
+            out[rep.labels.of(r)][float(r["context"])].append(float(value))
+    return {lb: sorted((c, float(np.median(v))) for c, v in out[lb].items())
+            for lb in rep.labels.ordered(out)}
+
+
+def _draw(ax: Any, rep: Report, series: dict[str, list[tuple[float, float]]], ylabel: str,
+          title: str, ybytes: bool = False, logy: bool | None = None,
+          linestyle: str | None = None) -> None:
+    for label, pts in series.items():
+        style = rep.styles(label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"],
+                linestyle=linestyle or style["linestyle"], marker=style["marker"], markersize=4,
+                label=label)
+    plots.label_axes(ax, "context (tokens)", ylabel, title,
+                     ys=[p[1] for pts in series.values() for p in pts], logx=False, logy=logy,
+                     ybytes=ybytes)
+    plots.context_axis(ax, [p[0] for pts in series.values() for p in pts])
+    plots.legend(ax)
+
+
+def section_efficiency(rep: Report) -> bool:
+    bench = rep.col.of_kind("bench")
+    runs = rep.runs()
+    if not bench and not runs:
+        return False
+    rep.lines += ["## Efficiency", ""]
+    if runs:
+        rows = [[f"**{label}**", mean_spread([r.summary.get("tokens_per_s") for r in rs], 3),
+                 mean_spread([r.summary.get("wall_time_s") for r in rs], 3)]
+                for label, rs in runs.items()]
+        rep.lines += ["Training runs, wall clock of the whole run (its evaluations included):", ""]
+        rep.lines += md_table(["backbone", "train tokens/s", "train wall time (s)"], rows)
+    if not bench:
+        rep.note("Benchmarks: no `archbench bench` records in the input.")
+        return True
+    _throughput(rep)
+    _memory(rep)
+    _max_context(rep)
+    _peers(rep)
+    return True
+
+
+def _throughput(rep: Report) -> None:
+    modes = [m for m in ("train", "prefill", "decode") if rep.col.bench(m)]
+    if not modes:
+        rep.note("Throughput: no train / prefill / decode benchmark records.")
+        return
+    fig, axes = plots.new_figure(ncols=len(modes), width=4.6)
+    rows = []
+    contexts: set[float] = set()
+    tables: list[tuple[str, str, Any, dict[float, float]]] = []
+    for ax, mode in zip(axes, modes, strict=True):
+        recs, batch = _one_batch(rep.col.bench(mode))
+        series = _series(rep, recs, "tokens_per_s")
+        what = {"train": "forward + backward + AdamW step", "prefill": "prompt of that length",
+                "decode": "new tokens after a prompt of that length"}[mode]
+        _draw(ax, rep, series, f"{mode} tokens/s", f"{mode}: {what} (batch {batch})")
+        for label, pts in series.items():
+            tables.append((label, mode, batch, dict(pts)))
+            contexts |= {c for c, _ in pts}
+    rep.figure(fig, "throughput.png", "Throughput against context (median of timed repeats)")
+    ctx = sorted(contexts)
+    for label, mode, batch, pts in sorted(tables, key=lambda t: (modes.index(t[1]),
+                                                                 rep.labels.rank(t[0]))):
+        rows.append([f"**{label}**", mode, batch, *(human(pts.get(c)) for c in ctx)])
+    rep.lines += md_table(["backbone", "mode", "batch", *(f"tok/s @{human(c)}" for c in ctx)],
+                          rows)
+
+
+def _peak_above_baseline(r: dict[str, Any]) -> float | None:
+    """The measurement's own memory: peak minus what the process held before the model."""
+    if r.get("peak_bytes") is None:
+        return None
+    return max(float(r["peak_bytes"]) - float(r.get("baseline_bytes") or 0), 1.0)
+
+
+def _memory(rep: Report) -> None:
+    bench = rep.col.bench()
+    mode = next((m for m in ("memory", "prefill", "train")
+                 if any(r.get("mode") == m and r.get("peak_bytes") for r in bench)), None)
+    state = [r for r in bench if r.get("state_bytes_measured") is not None
+             or r.get("state_bytes_analytic") is not None]
+    if mode is None and not state:
+        rep.note("Memory: no benchmark records with peak or state bytes.")
+        return
+    fig, axes = plots.new_figure(ncols=2)
+    if mode is not None:
+        recs, batch = _one_batch([r for r in bench if r.get("mode") == mode])
+        kinds = sorted({str(r.get("peak_kind")) for r in recs})
+        _draw(axes[0], rep, _series(rep, recs, "peak_bytes", _peak_above_baseline),
+              "peak memory above the process baseline", f"peak memory, {mode} (batch {batch}; "
+              f"{', '.join(kinds)})", ybytes=True, logy=True)
+        if not all(r.get("isolated") for r in recs):
+            rep.lines += ["Peak memory was measured without process isolation "
+                          "(bench.isolate=false): a process's peak only grows, so later points "
+                          "may carry earlier ones.", ""]
+    else:
+        axes[0].set_axis_off()
+    if state:
+        recs, batch = _one_batch(state)
+        _draw(axes[1], rep, _series(rep, recs, "state_bytes_measured"), "cache / state bytes",
+              f"decoding cache or state (batch {batch}; dashed: analytic)", ybytes=True,
+              logy=True)
+        for label, pts in _series(rep, recs, "state_bytes_analytic").items():
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts],
+                         color=rep.styles.colour(label), linestyle="--", linewidth=1)
+    else:
+        axes[1].set_axis_off()
+    rep.figure(fig, "memory.png", "Memory against context (log-log)")
+
+
+def _max_context(rep: Report) -> None:
+    recs = rep.col.bench("max_context", ok_only=False)
+    if not recs:
+        rep.note("Max context: not measured (bench.max_context=false).")
+        return
+    rows = []
+    for r in sorted(recs, key=lambda r: (rep.labels.rank(rep.labels.of(r)),
+                                         str(r.get("probe")), r.get("batch") or 0)):
+        bound = " (the search limit)" if r.get("context") and r.get("context") == r.get(
+            "limit") else ""
+        rows.append([f"**{rep.labels.of(r)}**", r.get("probe") or "–", r.get("batch", "–"),
+                     (human(r["context"]) + bound) if r.get("context") else "–",
+                     human(r.get("first_failed_context")) if r.get("first_failed_context")
+                     else "–", r.get("status")])
+    rep.lines += ["### Max context", ""]
+    rep.lines += md_table(["backbone", "probe", "batch", "largest that fit (tokens)",
+                           "first that did not", "status"], rows)
+
+
+def _peers(rep: Report) -> None:
+    recs = [r for r in rep.col.bench() if isinstance(r.get("peer"), dict)]
+    if not recs:
+        return
+    rows = []
+    for r in sorted(recs, key=lambda r: (rep.labels.rank(rep.labels.of(r)), str(r.get("mode")),
+                                         r.get("context") or 0)):
+        peer = r["peer"]
+        ratio = peer.get("ratio")
+        rows.append([f"**{rep.labels.of(r)}**", r.get("mode"), human(r.get("context")),
+                     r.get("batch"), human(r.get("tokens_per_s")), peer.get("name", "peer"),
+                     human(peer.get("tokens_per_s")) if peer.get("status") == "ok"
+                     else peer.get("status"),
+                     f"{ratio:.2f}×" if ratio else "–", peer.get("ratio_basis") or "–"])
+    rep.lines += ["### Against peer implementations (same config, same run)", ""]
+    rep.lines += md_table(["backbone", "mode", "context", "batch", "ours tok/s", "peer",
+                           "peer tok/s", "ours / peer", "basis"], rows)
+    rep.lines += ["A ratio above 1 means ours is faster. Decode compares eager against eager.", ""]
+
+
+# ---- provenance -------------------------------------------------------------------------------
+
+def _prov_row(label: str, where: str, prov: dict[str, Any], kernels: Any) -> list[Any]:
+    git = prov.get("git") or {}
+    dev = prov.get("device") or {}
+    ver = prov.get("versions") or {}
+    commit = (git.get("commit") or "?")[:10] + (" (dirty)" if git.get("dirty") else "")
+    device = f"{dev.get('type', '?')}: {dev.get('name', '?')}"
+    if dev.get("type") == "cpu" and dev.get("cpu_threads"):
+        device += f", {dev['cpu_threads']} threads"
+    kern = ", ".join(f"{k}={v}" for k, v in sorted((kernels or {}).items())) or "–"
+    return [f"**{label}**", where, commit, device, f"torch {ver.get('torch', '?')}", kern]
+
+
+def section_provenance(rep: Report) -> bool:
+    rep.lines += ["## Provenance", ""]
+    rows = []
+    for run in sorted(rep.col.runs, key=lambda r: (str(r.task), r.label, str(r.path))):
+        stage = "train" + (f" ({run.task})" if run.task else "")
+        rows.append(_prov_row(run.label, f"{stage} `{run.path}`",
+                              run.summary.get("provenance") or {},
+                              run.summary.get("kernel_paths")))
+    seen = set()
+    for r in rep.col.records:
+        if r.get("kind") not in ("eval", "bench"):
+            continue
+        key = (r["kind"], rep.labels.of(r), r.get("_source"))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(_prov_row(rep.labels.of(r), f"{r['kind']} `{r.get('_source')}`",
+                              r.get("provenance") or {}, r.get("kernel_paths")))
+    if rows:
+        rep.lines += md_table(["backbone", "stage and source", "commit", "device", "versions",
+                               "kernel paths"], rows)
+    commands = sorted(({(r.get("provenance") or {}).get("command") for r in rep.col.records}
+                       | {(run.summary.get("provenance") or {}).get("command")
+                          for run in rep.col.runs}) - {None})
+    if commands:
+        rep.lines += ["Commands that produced these records:", "", "```", *commands, "```", ""]
+    _stages(rep)
+    flags = flagged(rep)
+    rep.lines += ["### Flagged", ""]
+    rep.lines += [f"- {f}" for f in flags] if flags else [
+        "Nothing flagged: every run finished, every measurement has status ok, every backbone "
+        "ran the same class of kernels."]
+    rep.lines.append("")
+    return True
+
+
+def _stages(rep: Report) -> None:
+    recs = rep.col.of_kind("stage")
+    if not recs:
+        return
+    rows = [[r.get("stage"), r.get("what", "–"), r.get("status"),
+             f"{r['seconds']:.0f}" if r.get("seconds") is not None else "–",
+             r.get("reason") or (f"`{r['log']}`" if r.get("log") else "–")] for r in recs]
+    rep.lines += ["Stages of `archbench compare` (seconds of a shared multirun are split evenly "
+                  "between its jobs):", ""]
+    rep.lines += md_table(["stage", "what", "status", "seconds", "reason or log"], rows)
+
+
+def flagged(rep: Report) -> list[str]:
+    """Everything a reader must know before trusting a number: unreadable inputs, runs that did
+    not finish, measurements that are not "ok" (OOM, unsupported, errors), failed stages, and
+    kernel classes that differ across backbones."""
+    flags = list(rep.col.problems)
+    for run in rep.col.runs:
+        status = run.summary.get("status")
+        if status != "finished":
+            flags.append(f"training `{run.path}` ({run.label}): **{status}**"
+                         + (f" — {run.summary['error']}" if run.summary.get("error") else ""))
+    for r in rep.col.records:
+        status = r.get("status", "ok")
+        if r.get("kind") == "eval" and status != "ok":
+            flags.append(f"eval {r.get('eval')}/{r.get('metric')} of {rep.labels.of(r)} "
+                         f"[{params_key(r.get('params'))}]: **{status}** ({r.get('reason')})")
+        elif r.get("kind") == "bench" and status != "ok":
+            flags.append(f"bench {r.get('mode')} of {rep.labels.of(r)} at context "
+                         f"{r.get('context')}, batch {r.get('batch')}: **{status}** "
+                         f"({r.get('error')})")
+        elif r.get("kind") == "stage" and status not in ("ok", "skipped"):
+            flags.append(f"compare stage {r.get('stage')} {r.get('what', '')}: **{status}** "
+                         f"(exit code {r.get('returncode')}; log `{r.get('log')}`)")
+        elif r.get("kind") == "stage" and r.get("stage") == "check":
+            flags.append(f"backbone {r.get('what')} left out: {r.get('reason')}")
+    return flags + kernel_flags(rep)
+
+
+def kernel_class(path: str, device_type: str | None) -> str:
+    """Reference (pure PyTorch) or fast (fused / custom kernels). On a CPU every path is PyTorch
+    code; on CUDA, SDPA picks fused kernels."""
+    if str(path).startswith(REFERENCE_PREFIXES) or device_type == "cpu":
+        return "reference"
+    return "fast"
+
+
+def kernel_flags(rep: Report) -> list[str]:
+    """Fairness rule 5: the same class of kernels across backbones, or the report says so."""
+    classes: dict[str, set[str]] = defaultdict(set)
+    for run in rep.col.runs:
+        device = ((run.summary.get("provenance") or {}).get("device") or {}).get("type")
+        for sub, path in (run.summary.get("kernel_paths") or {}).items():
+            if sub.startswith("mlp:dense"):
+                continue  # plain matmuls everywhere
+            classes[kernel_class(path, device)].add(f"{run.label} {sub}={path}")
+    if len(classes) > 1:
+        return ["kernel classes differ across backbones (fairness rule 5): reference "
+                + ", ".join(sorted(classes["reference"])) + "; fast "
+                + ", ".join(sorted(classes["fast"]))]
+    return []

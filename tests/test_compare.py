@@ -1,0 +1,115 @@
+"""`archbench compare` end to end on a very small configuration (two backbones, a few hundred
+tokens): every stage runs and the report appears; run again, nothing is trained, evaluated or
+benchmarked a second time; a changed setting is noticed. The GPU preset expands (dry run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archbench.evaluate.compare import TRAIN_SECTIONS, Comparison, differences, main
+
+EXE = Path(sys.executable).with_name("archbench")
+SMALL = ["compare.backbones=[transformer,mamba]", "~compare.studies.mqar",
+         "compare.studies.lm.evals=[{tasks:[bpb,extrapolation],overrides:[]}]",
+         "arch.d_model=32", "arch.n_layers=2", "arch.attention.head_dim=16",
+         "data.max_bytes=200000", "data.val_fraction=0.1", "train.tokens=256", "train.seq_len=32",
+         "train.batch_size=4", "train.eval_every=1", "train.eval_batches=1",
+         "eval.max_batches=1", "eval.batch_size=2", "eval.extrapolation=[1,2]",
+         "bench.contexts=[16,32]", "bench.repeats=1", "bench.warmup=0", "bench.min_seconds=0",
+         "bench.decode_tokens=2", "bench.isolate=false"]
+
+
+def _compare(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(EXE), "compare", *SMALL, f"compare.sweep_dir={tmp / 'sweep'}",
+           f"compare.out={tmp / 'report'}", *extra]
+    env = {**os.environ, "ARCHBENCH_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _stages(tmp: Path) -> list[dict]:
+    return [json.loads(x) for x in (tmp / "sweep" / "stages.jsonl").read_text().splitlines()]
+
+
+def _state(tmp: Path) -> dict[str, float | int]:
+    """What a second run must not touch: checkpoints, curves, records, benchmarks."""
+    files = [p for p in (tmp / "sweep").rglob("*") if p.is_file() and (
+        "checkpoints" in p.parts or p.name in ("metrics.jsonl", "records.jsonl", "bench.csv"))]
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+
+
+def test_compare_builds_the_report_and_a_second_run_skips_finished_work(tmp_path: Path) -> None:
+    first = _compare(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = tmp_path / "report" / "report.md"
+    assert f"report: {report}" in first.stdout
+    text = report.read_text()
+    lineup = text.split("## Line-up")[1].split("## Quality")[0]
+    assert "| **transformer** |" in lineup and "| **mamba** |" in lineup
+    for png in ("quality_vs_tokens.png", "extrapolation.png", "throughput.png", "memory.png"):
+        assert (tmp_path / "report" / png).is_file()
+    stages = _stages(tmp_path)
+    assert {(s["stage"], s["status"]) for s in stages} == {
+        ("train", "ok"), ("eval", "ok"), ("bench", "ok")}
+    runs = [tmp_path / "sweep" / "lm" / a for a in ("transformer", "mamba")]
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+        evals = {r["eval"] for r in map(json.loads, (run / "records.jsonl").read_text()
+                                        .splitlines()) if r["kind"] == "eval"}
+        assert evals == {"bpb", "extrapolation"}
+    before = _state(tmp_path)
+    assert any("checkpoints" in k for k in before)
+
+    second = _compare(tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert _state(tmp_path) == before  # nothing retrained, re-evaluated or re-benchmarked
+    for run in runs:
+        assert f"skipping {run}: already finished" in second.stdout
+        assert f"skipping eval bpb+extrapolation of {run}: records present" in second.stdout
+    assert "skipping bench of transformer: bench.csv present" in second.stdout
+    assert {s["status"] for s in _stages(tmp_path)} == {"skipped"}
+    assert report.is_file() and "| **mamba** |" in report.read_text()
+
+    # a changed setting is seen: the finished run no longer matches what would run now
+    comparison = Comparison([*SMALL, "train.lr=0.01", f"compare.sweep_dir={tmp_path / 'sweep'}"])
+    (job_dir, job), = comparison.jobs(tmp_path / "sweep" / "lm", [], "mamba")
+    assert job_dir == runs[1]
+    saved = json.loads((runs[1] / "summary.json").read_text())["config"]
+    assert comparison.stale(saved, job, TRAIN_SECTIONS) == ["train.lr: 0.001 then, 0.01 now"]
+    same = Comparison([*SMALL, f"compare.sweep_dir={tmp_path / 'sweep'}"])
+    assert same.stale(saved, same.jobs(tmp_path / "sweep" / "lm", [], "mamba")[0][1],
+                      TRAIN_SECTIONS) == []
+
+
+def test_differences_ignore_new_keys_and_settings_that_change_nothing() -> None:
+    then = {"train": {"lr": 1e-3, "progress": True, "tokens": 1000}, "data": {"cache_dir": "/a"}}
+    now = {"train": {"lr": 0.001, "progress": False, "tokens": 1000.0, "new_knob": 1},
+           "data": {"cache_dir": "/b"}}
+    assert differences(then, now) == []
+    now["train"]["tokens"] = 2000
+    assert differences(then, now) == ["train.tokens: 1000 then, 2000 now"]
+
+
+def test_gpu_preset_expands_every_study_in_a_dry_run(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    main(["+preset=gpu", "compare.dry_run=true", f"compare.sweep_dir={tmp_path / 'gpu'}"])
+    out = capsys.readouterr().out
+    assert "experiment compare_gpu" in out and "nothing was run" in out
+    assert "backbones: transformer, gpt2, mamba, mamba2, rwkv7, jamba" in out
+    train = [line for line in out.splitlines() if "archbench train" in line]
+    assert len(train) == 3  # lm, mqar, induction: one multirun each
+    assert "train.seed=0,1" in train[0] and "size=micro,tiny,xs" in train[1]
+    assert f"{tmp_path / 'gpu'}/lm/mamba/train.seed=1" in out  # two seeds, one folder each
+    assert f"{tmp_path / 'gpu'}/mqar/jamba/size=xs" in out
+    assert "archbench bench +experiment=compare_gpu" in out
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_unknown_preset_is_refused() -> None:
+    with pytest.raises(SystemExit, match="unknown preset 'tpu'"):
+        main(["+preset=tpu"])
