@@ -62,6 +62,7 @@ def _checked(fn: Callable[[DictConfig], Any],
     def run(cfg: DictConfig) -> Any:
         try:
             validate(cfg)
+            return fn(cfg)  # commands check their own settings too (e.g. sampling)
         except ConfigError as exc:
             if on_error is not None:
                 on_error(cfg, exc)
@@ -69,7 +70,6 @@ def _checked(fn: Callable[[DictConfig], Any],
                 raise
             print(f"archbench: config error: {exc}", file=sys.stderr)
             sys.exit(2)
-        return fn(cfg)
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
@@ -155,7 +155,7 @@ COMMANDS: dict[str, tuple[Callable[[], Any], list[str]]] = {
     "train": (train_app, []),
     "info": (info_app, _NO_RUN_DIR),
     "generate": (generate_app, _NO_RUN_DIR),
-    "eval": (eval_app, []),
+    "eval": (eval_app, _NO_RUN_DIR),  # records go to the checkpoint's run directory
     "bench": (bench_app, []),
 }
 

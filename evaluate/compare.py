@@ -310,10 +310,9 @@ class Comparison:
     def stale(self, saved: dict[str, Any] | None, job: list[str], sections: tuple[str, ...]
               ) -> list[str]:
         """Settings in which a finished run differs from what this job would run now."""
-        job = [o for o in job if not o.startswith("+experiment=")]
-        now = OmegaConf.to_container(compose(self.experiment, job), resolve=True)
-        return differences({k: (saved or {}).get(k) for k in sections},
-                           {k: now.get(k) for k in sections})
+        cfg = compose(self.experiment, [o for o in job if not o.startswith("+experiment=")])
+        now = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections}
+        return differences({k: (saved or {}).get(k) for k in sections}, now)
 
     def set_aside(self, run_dir: Path, why: list[str]) -> None:
         """A finished run made under other settings is moved away (kept, never deleted), out of

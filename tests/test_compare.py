@@ -5,16 +5,12 @@ benchmarked a second time; a changed setting is noticed. The GPU preset expands 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from archbench.evaluate.compare import TRAIN_SECTIONS, Comparison, differences, main
 
-EXE = Path(sys.executable).with_name("archbench")
 SMALL = ["compare.backbones=[transformer,mamba]", "~compare.studies.mqar",
          "compare.studies.lm.evals=[{tasks:[bpb,extrapolation],overrides:[]}]",
          "arch.d_model=32", "arch.n_layers=2", "arch.attention.head_dim=16",
@@ -22,14 +18,13 @@ SMALL = ["compare.backbones=[transformer,mamba]", "~compare.studies.mqar",
          "train.batch_size=4", "train.eval_every=1", "train.eval_batches=1",
          "eval.max_batches=1", "eval.batch_size=2", "eval.extrapolation=[1,2]",
          "bench.contexts=[16,32]", "bench.repeats=1", "bench.warmup=0", "bench.min_seconds=0",
-         "bench.decode_tokens=2", "bench.isolate=false"]
+         "bench.decode_tokens=2", "bench.isolate=false", "bench.modes=[prefill,decode]"]
 
 
-def _compare(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(EXE), "compare", *SMALL, f"compare.sweep_dir={tmp / 'sweep'}",
-           f"compare.out={tmp / 'report'}", *extra]
-    env = {**os.environ, "ARCHBENCH_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=400)
+def _compare(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    """One `archbench compare` (in this process; its stages are subprocesses as always)."""
+    main([*SMALL, f"compare.sweep_dir={tmp / 'sweep'}", f"compare.out={tmp / 'report'}", *extra])
+    return capsys.readouterr().out
 
 
 def _stages(tmp: Path) -> list[dict]:
@@ -43,11 +38,15 @@ def _state(tmp: Path) -> dict[str, float | int]:
     return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
 
 
-def test_compare_builds_the_report_and_a_second_run_skips_finished_work(tmp_path: Path) -> None:
-    first = _compare(tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_compare_builds_the_report_and_a_second_run_skips_finished_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    first = _compare(tmp_path, capsys)
     report = tmp_path / "report" / "report.md"
-    assert f"report: {report}" in first.stdout
+    assert f"report: {report}" in first
     text = report.read_text()
     lineup = text.split("## Line-up")[1].split("## Quality")[0]
     assert "| **transformer** |" in lineup and "| **mamba** |" in lineup
@@ -65,13 +64,12 @@ def test_compare_builds_the_report_and_a_second_run_skips_finished_work(tmp_path
     before = _state(tmp_path)
     assert any("checkpoints" in k for k in before)
 
-    second = _compare(tmp_path)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = _compare(tmp_path, capsys)
     assert _state(tmp_path) == before  # nothing retrained, re-evaluated or re-benchmarked
     for run in runs:
-        assert f"skipping {run}: already finished" in second.stdout
-        assert f"skipping eval bpb+extrapolation of {run}: records present" in second.stdout
-    assert "skipping bench of transformer: bench.csv present" in second.stdout
+        assert f"skipping {run}: already finished" in second
+        assert f"skipping eval bpb+extrapolation of {run}: records present" in second
+    assert "skipping bench of transformer: bench.csv present" in second
     assert {s["status"] for s in _stages(tmp_path)} == {"skipped"}
     assert report.is_file() and "| **mamba** |" in report.read_text()
 
@@ -80,7 +78,7 @@ def test_compare_builds_the_report_and_a_second_run_skips_finished_work(tmp_path
     (job_dir, job), = comparison.jobs(tmp_path / "sweep" / "lm", [], "mamba")
     assert job_dir == runs[1]
     saved = json.loads((runs[1] / "summary.json").read_text())["config"]
-    assert comparison.stale(saved, job, TRAIN_SECTIONS) == ["train.lr: 0.001 then, 0.01 now"]
+    assert comparison.stale(saved, job, TRAIN_SECTIONS) == ["train.lr: 0.003 then, 0.01 now"]
     same = Comparison([*SMALL, f"compare.sweep_dir={tmp_path / 'sweep'}"])
     assert same.stale(saved, same.jobs(tmp_path / "sweep" / "lm", [], "mamba")[0][1],
                       TRAIN_SECTIONS) == []

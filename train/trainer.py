@@ -69,6 +69,17 @@ def prepare_data(cfg: Any) -> tuple[Tokenizer, TokenData]:
     return tokenizer, load_data(cfg.data, tokenizer, corpus)
 
 
+def _sequence_length(configured: int, meta: dict[str, Any]) -> int:
+    """Synthetic tasks fix their own example length; text data uses train.seq_len."""
+    task_len = meta.get("seq_len")
+    if task_len is None:
+        return configured
+    if configured < task_len:
+        raise ValueError(f"train.seq_len={configured} is shorter than the task's examples "
+                         f"({task_len} tokens); set train.seq_len={task_len}")
+    return int(task_len)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                            ignore_index=IGNORE_INDEX)
@@ -134,10 +145,11 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
 
     with dist_utils.main_first(ctx_dist):  # rank 0 fills the token caches, the others read them
         tokenizer, data = prepare_data(cfg)
-    if data.val.n_windows(tcfg.seq_len) == 0:
+    seq_len = _sequence_length(tcfg.seq_len, data.meta)
+    if data.val.n_windows(seq_len) == 0:
         raise ValueError(
             f"the validation split holds {len(data.val)} tokens, fewer than one window of "
-            f"train.seq_len={tcfg.seq_len}; raise data.val_fraction (now "
+            f"train.seq_len={seq_len}; raise data.val_fraction (now "
             f"{cfg.data.val_fraction}) or data.holdout_tail")
     vocab_size = max(tokenizer.vocab_size, int(data.meta.get("vocab_size", 0)))
     model, fit = build_model(cfg.arch, cfg.size, vocab_size)
@@ -147,11 +159,11 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
     counts = model.param_counts()
     arch_resolved = OmegaConf.to_container(model.arch, resolve=True)
 
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    tokens_per_step = tcfg.batch_size * seq_len
     budget = token_budget(tcfg, counts["total"])
     total_steps = max(1, math.ceil(budget / tokens_per_step))
     last_step = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
-    order = WindowOrder(data.train.n_windows(tcfg.seq_len), tcfg.batch_size, tcfg.seed)
+    order = WindowOrder(data.train.n_windows(seq_len), tcfg.batch_size, tcfg.seed)
 
     train_model = dist_utils.wrap(model, ctx_dist, tcfg.distributed)
     forward = torch.compile(train_model) if tcfg.compile else train_model
@@ -183,7 +195,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
             [token_bytes, np.ones(vocab_size - len(token_bytes), dtype=np.int64)])
 
     def evaluate_now() -> dict[str, Any]:
-        return split_metrics(model, data.val, tcfg.seq_len, tcfg.batch_size, token_bytes,
+        return split_metrics(model, data.val, seq_len, tcfg.batch_size, token_bytes,
                              tcfg.eval_batches, device, autocast_dtype=amp_dtype)
 
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
@@ -205,7 +217,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
             lr = lr_at(step, total_steps, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            windows = data.train.windows(order.batch(step, rank, world), tcfg.seq_len)
+            windows = data.train.windows(order.batch(step, rank, world), seq_len)
             if data.meta.get("targets_masked"):
                 from archbench.evaluate.tasks import task_targets
 
@@ -249,7 +261,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                           "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "flops": step * tokens_per_step * model.flops_per_token(
-                              tcfg.seq_len)["train"], **aux_sums}
+                              seq_len)["train"], **aux_sums}
                 if fractions:
                     mean = torch.stack([f.float().cpu() for f in fractions]).mean(0)
                     record["expert_fraction_max"] = float(mean.max())
@@ -266,8 +278,10 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
             if is_main and (step % tcfg.eval_every == 0 or step == last_step):
                 val = {"step": step, "tokens": step * tokens_per_step,
                        "val_loss": last_eval["loss"], "val_bpb": last_eval["bpb"]}
+                if "accuracy" in last_eval:  # synthetic tasks: exact accuracy on the answers
+                    val["val_accuracy"] = last_eval["accuracy"]
                 append_jsonl(metrics_path, val)
-                logger.log_metrics(step, {"val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+                logger.log_metrics(step, {k: v for k, v in val.items() if k.startswith("val_")})
             if step % tcfg.ckpt_every == 0 or step == last_step:
                 dist_utils.save(run_dir, step, model, optimizer, tokenizer, meta, ctx_dist)
         status = "finished"
@@ -289,7 +303,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                 "tokens_per_s": (step * tokens_per_step - tokens_seen_start) / max(wall, 1e-9),
                 "final": last_eval, "dtype": str(amp_dtype or torch.float32),
                 "seed": tcfg.seed, "layer_plan": [list(p) for p in model.plan],
-                "flops_per_token": model.flops_per_token(tcfg.seq_len),
+                "flops_per_token": model.flops_per_token(seq_len),
                 "provenance": provenance(device),
             }
             if error is not None:
@@ -300,6 +314,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                     "run", "arch", "size", "status", "tokens_seen", "wall_time_s", "tokens_per_s",
                     "param_counts", "kernel_paths", "seed", "tokenizer", "dtype")},
                     "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"),
+                    "val_accuracy": last_eval.get("accuracy"), "seq_len": seq_len,
                     "provenance": summary["provenance"]}
                 if error is not None:
                     record["error"] = error
