@@ -254,6 +254,7 @@ class BenchConfig:
     rss_budget_gb: float | None = None  # CPU, isolated: data-memory cap per measurement
     max_context_step: int = 128  # resolution of the max-context bisection (tokens)
     peer_rounds: int = 1  # ours/peer measured alternately this many times; ratio = median
+    peer_interleave: bool = False  # also time ours/peer call by call in one process (ratio)
 
 
 @dataclass

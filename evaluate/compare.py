@@ -110,6 +110,13 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
     return [fixed + list(combo) for combo in itertools.product(*swept)]
 
 
+def fixed_only(overrides: Iterable[str]) -> list[str]:
+    """The overrides that are not comma-list sweeps (for a stage that must not sweep them)."""
+    overrides = list(overrides)
+    return [line for line, o in zip(overrides, _parse(overrides), strict=True)
+            if not o.is_sweep_override()]
+
+
 def override_dirname(job: list[str], exclude: Iterable[str]) -> str:
     """Hydra's `hydra.job.override_dirname` of one job (sorted `key=value`, excluded keys out)."""
     exclude = set(exclude)
@@ -222,7 +229,7 @@ class Comparison:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.experiment, own, self.stage_overrides = split_argv(argv)
-        self.cfg = compose(self.experiment, [*own, *self.stage_overrides])
+        self.cfg = compose(self.experiment, [*own, *fixed_only(self.stage_overrides)])
         self.cc = self.cfg.compare
         self.sweep = Path(self.cc.sweep_dir)
         self.dry = bool(self.cc.dry_run)
@@ -252,7 +259,7 @@ class Comparison:
                 print(f"  {name}: skipped (no conf/arch/{name}.yaml)")
                 continue
             try:
-                cfg = compose(self.experiment, [*self.stage_overrides,
+                cfg = compose(self.experiment, [*fixed_only(self.stage_overrides),
                                                 *self.arch_overrides.get(name, []),
                                                 f"arch={name}"])
                 validate(cfg)
@@ -375,7 +382,8 @@ class Comparison:
                 print(f"  eval {study} {'+'.join(tasks)}: {names} ...", flush=True)
                 log = self.sweep / "logs" / f"eval_{study}_{i}_{names.replace(', ', '_')}.log"
                 ckpts = ",".join(quote(str(d)) for _, d in targets)
-                cmd = [*self.exe, "eval", *self.overrides(list(call.overrides)),
+                # a sweep of the user's (train.seed=0,1) made the runs; each is evaluated once
+                cmd = [*self.exe, "eval", *fixed_only(self.overrides(list(call.overrides))),
                        f"eval.tasks=[{','.join(tasks)}]", f"ckpt={ckpts}",
                        f"hydra.sweep.dir={self.sweep / 'logs' / f'eval_{study}_{i}'}",
                        "hydra.sweep.subdir=${hydra.job.num}", "-m"]

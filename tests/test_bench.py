@@ -20,7 +20,7 @@ from conftest import make_config
 from archbench.archs.model import LanguageModel
 from archbench.evaluate.bench import flops, runner
 from archbench.evaluate.bench.devices import peak_tflops
-from archbench.evaluate.bench.measure import is_oom, restore_cache, snapshot_cache
+from archbench.evaluate.bench.measure import is_oom, restore_cache, snapshot_cache, time_pair
 from archbench.io import read_jsonl
 
 VOCAB = 258  # the byte tokenizer: 256 bytes + eos + pad
@@ -347,6 +347,26 @@ def test_peer_ratio_in_the_record_is_ours_over_the_peer(tmp_path: Path) -> None:
         assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"])
     assert peer["ratio"] == pytest.approx((first["ratio"] + second["ratio"]) / 2)
     assert memory["peer"] is None and any("no peer" in n for n in memory["notes"])
+
+
+def test_interleaved_peer_timing_alternates_and_gives_the_ratio(tmp_path: Path) -> None:
+    calls: list[str] = []
+    a, b = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), torch.device("cpu"),
+                     warmup=1, repeats=4, min_seconds=0, setup_a=lambda: calls.append("sa"))
+    timed = [c for c in calls[6:] if c != "sa"]  # after the first calls and one warm-up each
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # each pair adjacent, ABBA
+    assert calls.count("sa") == calls.count("a") and len(a.times) == len(b.times) == 4
+    pytest.importorskip("transformers")
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.peers=true",
+                       "bench.peer_interleave=true", "bench.modes=[decode]", "bench.contexts=[16]",
+                       "bench.repeats=3")
+    (rec,) = runner.run_bench(cfg)
+    peer = rec["peer"]
+    paired = peer["interleaved"]
+    assert paired["n"] >= 3 and paired["q1"] <= paired["ratio"] <= paired["q3"]
+    assert paired["min"] <= paired["q1"] and paired["q3"] <= paired["max"]
+    assert peer["ratio"] == paired["ratio"] and peer["ratio_basis"] == "interleaved eager"
+    assert paired["ours_tokens_per_s"] > 0 and paired["peer_tokens_per_s"] > 0
 
 
 def test_a_missing_peer_is_a_note_not_an_error(tmp_path: Path) -> None:

@@ -48,53 +48,56 @@ def ssd_chunked(
     """
     batch, length, heads, hdim = x.shape
     groups, n_state = B.shape[2], B.shape[3]
-    per_group = heads // groups
+    hg = heads // groups  # heads per group; head i = (group i // hg, member i % hg)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     q = min(chunk_size, length)
     pad = (-length) % q
     xf, dtf, Bf, Cf = (F.pad(t.to(cdt), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    n_chunks = (length + pad) // q
-    # Layouts: heads split as (g, h/g) so B and C broadcast over the heads of their group.
-    dt_c = _chunked(dtf, q).permute(0, 1, 3, 2)  # (b, c, h, q)
-    x_dt = _chunked(xf * dtf.unsqueeze(-1), q).permute(0, 1, 3, 2, 4)  # (b, c, h, q, p)
-    x_dt = x_dt.reshape(batch, n_chunks, groups, per_group, q, hdim)
-    B_c = _chunked(Bf, q).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, g, 1, q, n)
-    C_c = _chunked(Cf, q).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, g, 1, q, n)
+    nc = (length + pad) // q
+    # x dt keeps the input layout (b, c, q, g, hg, p); B and C are (b, c, g, q, n).
+    x_dt = _chunked(xf * dtf.unsqueeze(-1), q).view(batch, nc, q, groups, hg, hdim)
+    B_c = _chunked(Bf, q).transpose(2, 3)
+    C_c = _chunked(Cf, q).transpose(2, 3)
     # Log-decays in base 2: exp2 is ~3x faster than exp on CPU and has no slow path when a long
     # chunk's decay underflows (exp's vectorised path falls back ~25x slower there).
-    s = torch.cumsum(dt_c * (A.to(cdt) * LOG2E).view(heads, 1), dim=-1)  # (b, c, h, q)
-    s = s.view(batch, n_chunks, groups, per_group, q)
+    s = torch.cumsum(_chunked(dtf, q) * (A.to(cdt) * LOG2E), dim=2)  # (b, c, q, h)
+    s = s.view(batch, nc, q, groups, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q)
 
-    # 1. Intra-chunk, quadratic: (C B^T) masked by the segment-sum decay.
+    # 1. Intra-chunk, quadratic: (C B^T) masked by the segment-sum decay, per head.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
     seg = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-    scores = torch.matmul(C_c, B_c.transpose(-1, -2))  # (b, c, g, 1, q, q)
-    y = torch.matmul(scores * torch.exp2(seg), x_dt)  # (b, c, g, h/g, q, p)
+    scores = torch.matmul(C_c, B_c.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, q, q)
+    y_diag = torch.matmul(scores * torch.exp2(seg), x_dt.permute(0, 1, 3, 4, 2, 5))
 
-    # 2. Each chunk's final state from a zero start: (p x q) @ (q x n).
-    to_end = torch.exp2(s[..., -1:] - s)  # (b, c, g, h/g, q)
-    chunk_states = torch.matmul((x_dt * to_end.unsqueeze(-1)).transpose(-1, -2), B_c)
+    # 2. Each chunk's final state from a zero start, all heads of a group in one product:
+    #    (n x q) @ (q x hg*p), the state kept as (n, hg, p).
+    to_end = torch.exp2(s[..., -1:] - s).permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b,c,q,g,hg,1)
+    x_w = (x_dt * to_end).transpose(2, 3).reshape(batch, nc, groups, q, hg * hdim)
+    chunk_states = torch.matmul(B_c.transpose(-1, -2), x_w)  # (b, c, g, n, hg * p)
 
-    # 3. Pass states across chunks.
-    chunk_decay = torch.exp2(s[..., -1])  # (b, c, g, h/g)
+    # 3. Pass states across chunks (unbind once: indexing in the loop would make the backward
+    #    allocate a full-size zero gradient per chunk).
+    decays = torch.exp2(s[..., -1]).view(batch, nc, groups, 1, hg, 1).unbind(1)
+    own = chunk_states.view(batch, nc, groups, n_state, hg, hdim).unbind(1)
     if initial_state is None:
-        state = x.new_zeros((batch, groups, per_group, hdim, n_state), dtype=cdt)
+        state = x.new_zeros((batch, groups, n_state, hg, hdim), dtype=cdt)
     else:
-        state = initial_state.to(cdt).reshape(batch, groups, per_group, hdim, n_state)
+        state = initial_state.to(cdt).view(batch, groups, hg, hdim, n_state).permute(0, 1, 4, 2, 3)
     entering = []
-    for c in range(n_chunks):
+    for c in range(nc):
         entering.append(state)
-        state = chunk_decay[:, c, ..., None, None] * state + chunk_states[:, c]
-    states_in = torch.stack(entering, dim=1)  # (b, c, g, h/g, p, n)
+        state = torch.addcmul(own[c], decays[c], state)
+    states_in = torch.stack(entering, dim=1).reshape(batch, nc, groups, n_state, hg * hdim)
 
-    # 4. Contribution of the state entering each chunk: (q x n) @ (n x p), decayed to t.
-    y = y + torch.matmul(C_c, states_in.transpose(-1, -2)) * torch.exp2(s).unsqueeze(-1)
+    # 4. Read-out of the state entering each chunk, decayed to t: (q x n) @ (n x hg*p).
+    y_off = torch.matmul(C_c, states_in).view(batch, nc, groups, q, hg, hdim)
+    y = y_off * torch.exp2(s).transpose(-1, -2).unsqueeze(-1) + y_diag.transpose(3, 4)
 
-    y = y.reshape(batch, n_chunks, heads, q, hdim).permute(0, 1, 3, 2, 4)
-    y = y.reshape(batch, n_chunks * q, heads, hdim)[:, :length]
+    y = y.transpose(2, 3).reshape(batch, nc * q, heads, hdim)[:, :length]
     if D is not None:
         y = y + x.to(cdt) * D.to(cdt).view(heads, 1)
-    return y.to(x.dtype), state.reshape(batch, heads, hdim, n_state)
+    final = state.permute(0, 1, 3, 4, 2).reshape(batch, heads, hdim, n_state)
+    return y.to(x.dtype), final
 
 
 def ssd_step(

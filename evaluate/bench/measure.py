@@ -61,21 +61,8 @@ def time_step(
     setup: Callable[[], Any] | None = None,
 ) -> Timing:
     """Time `step` (with an untimed `setup` before every call, e.g. restoring a cache)."""
-    cuda = device.type == "cuda"
-
     def timed() -> float:
-        if setup is not None:
-            setup()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        began = time.perf_counter()
-        step()
-        return time.perf_counter() - began
+        return _timed(step, setup, device)
 
     if setup is not None:
         setup()
@@ -98,6 +85,69 @@ def time_step(
         if n >= min(3, repeats) and elapsed >= max_seconds:
             break
     return Timing(first_call_s=first, times=times)
+
+
+def time_pair(
+    step_a: Callable[[], Any],
+    step_b: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    min_seconds: float,
+    max_repeats: int = 1000,
+    max_seconds: float = float("inf"),
+    setup_a: Callable[[], Any] | None = None,
+    setup_b: Callable[[], Any] | None = None,
+) -> tuple[Timing, Timing]:
+    """Two steps timed call by call in alternation (a b, b a, a b, ...): pair i is adjacent in
+    time, so a ratio per pair cancels load that drifts slower than one pair. The stop rules of
+    `time_step` apply to the pairs."""
+    runs = []
+    for step, setup in ((step_a, setup_a), (step_b, setup_b)):
+        if setup is not None:
+            setup()
+        synchronize(device)
+        began = time.perf_counter()
+        step()
+        synchronize(device)
+        runs.append(time.perf_counter() - began)
+    first_a, first_b = runs
+    a = Timing(first_a, [])
+    b = Timing(first_b, [])
+    for _ in range(warmup):
+        _timed(step_a, setup_a, device)
+        _timed(step_b, setup_b, device)
+    began = time.perf_counter()
+    while True:
+        if len(a.times) % 2 == 0:
+            a.times.append(_timed(step_a, setup_a, device))
+            b.times.append(_timed(step_b, setup_b, device))
+        else:
+            b.times.append(_timed(step_b, setup_b, device))
+            a.times.append(_timed(step_a, setup_a, device))
+        n, elapsed = len(a.times), time.perf_counter() - began
+        if n >= max(max_repeats, 1) or (n >= repeats and elapsed >= 2 * min_seconds):
+            break
+        if n >= min(3, repeats) and elapsed >= 2 * max_seconds:
+            break
+    return a, b
+
+
+def _timed(step: Callable[[], Any], setup: Callable[[], Any] | None,
+           device: torch.device) -> float:
+    if setup is not None:
+        setup()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    began = time.perf_counter()
+    step()
+    return time.perf_counter() - began
 
 
 _CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory")

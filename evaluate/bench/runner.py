@@ -9,7 +9,9 @@ peers.py) in its own fresh process and attached as `peer`. With bench.max_contex
 "max_context" in bench.modes) the largest prefill and training contexts that fit are searched.
 Once a mode runs out of memory at a context, its larger contexts are recorded as "oom" without
 running (the note says so). Any failure is a record and the sweep goes on. Hydra's `-m` sweeps
-arch x size x dtype (and lists of contexts / batches) over separate runs.
+arch x size x dtype (and lists of contexts / batches) over separate runs. Isolation uses
+multiprocessing's forkserver: a script that calls run_bench must guard its entry point with
+`if __name__ == "__main__":`, as multiprocessing requires (the archbench CLI does).
 
 Record fields (one JSON object per line; every key is present in every record, None where it
 does not apply to the mode; the CSV holds the scalar ones):
@@ -29,10 +31,10 @@ does not apply to the mode; the CSV holds the scalar ones):
   error             the exception (type: message) when not ok, else None
   notes             list of strings: skipped peers, budgets, inferred OOMs, graph checks
   median_s          median seconds of one timed unit: a training step; a prefill (fresh cache +
-                    prompt); decode: all G new tokens, fed one at a time (fixed random tokens:
-                    the cost of a step does not depend on the token, and sampling is not
-                    measured; repeats restart from the prefilled positions). None for memory /
-                    max_context
+                    prompt, LM head on the last position only, as generation needs); decode: all
+                    G new tokens, fed one at a time (fixed random tokens: the cost of a step
+                    does not depend on the token, and sampling is not measured; repeats restart
+                    from the prefilled positions). None for memory / max_context
   spread            {"q1", "q3", "iqr", "min", "max", "n"} of the timed repeats, seconds
   tokens_per_s      train, prefill: batch * context / median_s; decode: batch * G / median_s
   per_token_s       decode only: median_s / G (latency of one decoding step)
@@ -68,12 +70,19 @@ does not apply to the mode; the CSV holds the scalar ones):
   peer              None (no peer asked, none exists, or not installed: see notes), or
                     {"name", "status", "tokens_per_s", "median_s", "per_token_s", "ratio",
                     "ratio_basis", "peak_bytes", "first_call_s", "params_total", "error",
-                    "rounds"}; ratio = our tokens_per_s / the peer's (> 1: ours is faster);
-                    ratio_basis "eager" for decode (our eager decoding against the peer's eager
-                    decoding). With bench.peer_rounds = R > 1, ours and the peer are measured
-                    R times alternately (each in a fresh process) and ratio is the median of the
-                    R per-round ratios, listed in rounds (the record's own timing fields are
-                    from the first round): a shared machine's load drifts, alternation cancels it
+                    "rounds", "interleaved"}; ratio = our tokens_per_s / the peer's (> 1: ours
+                    is faster); ratio_basis "same" (train, prefill: the same timed unit) or
+                    "eager" for decode (our eager decoding against the peer's eager decoding,
+                    whatever cuda_graphs says). The peer runs the same tokens; its prefill also
+                    keeps the last logits only. With bench.peer_rounds = R > 1, ours and the
+                    peer are measured R times alternately (each in a fresh process) and ratio is
+                    the median of the R per-round ratios, listed in rounds (the record's own
+                    timing fields are from the first round): a shared machine's load drifts,
+                    alternation cancels it. With bench.peer_interleave, ours and the peer are
+                    also timed call by call in alternation in one process: interleaved =
+                    {"ratio" (median over pairs of t_peer / t_ours), "q1", "q3", "min", "max",
+                    "n", "ours_tokens_per_s", "peer_tokens_per_s"}, and ratio is that median
+                    (ratio_basis "interleaved", "interleaved eager" for decode); else None
   provenance        archbench.provenance.provenance(device): git, versions, device, command
   config            the resolved config
 """
@@ -114,7 +123,7 @@ CSV_COLUMNS = (
     "per_token_s", "tflops", "mfu", "peak_bytes", "baseline_bytes", "state_bytes_measured",
     "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "params_total",
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
-    "peer_ratio", "probe", "error", "notes",
+    "peer_ratio", "peer_ratio_basis", "probe", "error", "notes",
 )
 
 
@@ -266,6 +275,16 @@ class Bench:
             peer["ratio"] = statistics.median(ratios)
             notes.append(f"peer ratio: median of {len(ratios)} alternating rounds "
                          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+        peer["interleaved"] = None
+        if peer["ratio"] is not None and self.bench.peer_interleave:
+            pair = self.measure(self.task(mode, context, batch, which="pair"))
+            if pair["status"] == "ok":
+                peer["interleaved"] = pair["paired"]
+                peer["ratio"] = pair["paired"]["ratio"]
+                peer["ratio_basis"] = "interleaved" + (" eager" if mode == "decode" else "")
+            else:
+                notes.append(f"interleaved peer measurement failed ({pair['status']}): "
+                             f"{pair.get('error')}; ratio from the separate measurements")
         return peer, notes
 
     # ---- the sweep -----------------------------------------------------------------------------
@@ -414,7 +433,7 @@ def csv_row(rec: dict[str, Any]) -> dict[str, Any]:
         kernel_paths=json.dumps(rec.get("kernel_paths"), sort_keys=True)
         if rec.get("kernel_paths") else None,
         peer_name=peer.get("name"), peer_tokens_per_s=peer.get("tokens_per_s"),
-        peer_ratio=peer.get("ratio"),
+        peer_ratio=peer.get("ratio"), peer_ratio_basis=peer.get("ratio_basis"),
         notes=" | ".join(n.splitlines()[0] for n in rec.get("notes") or [] if n),
     )
     return row

@@ -14,7 +14,8 @@ autocast for bf16/fp16, as the trainer), prefill (a fresh cache, then the prompt
 the last position only, as generation does), decode (prefill untimed, then G single-token steps
 from a restored snapshot each repeat; CUDA graphs on CUDA when they check out exact), memory
 (cache after a prefill of L: measured and analytic bytes, no timing), probe_prefill and
-probe_train (one untimed step, for the max-context search). Peers run train, prefill and decode.
+probe_train (one untimed step, for the max-context search). Peers run train, prefill and decode,
+alone ("peer") or in alternation with ours in one process ("pair", bench.peer_interleave).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing as mp
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -152,7 +154,9 @@ def ours_train(model: Any, task: dict[str, Any], device: torch.device) -> dict[s
     return _train(task, model, lambda x, ctx: model(x, ctx=ctx), device, model)
 
 
-def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _ours_prefill_unit(model: Any, task: dict[str, Any], device: torch.device
+                       ) -> tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]:
+    """(setup, step, held): a fresh cache and the prompt; held["cache"] is the last one."""
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
     tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
     held: dict[str, Any] = {}
@@ -163,8 +167,35 @@ def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict
             model(tokens, cache)
         held["cache"] = cache
 
+    return held.clear, step, held
+
+
+def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device
+                      ) -> tuple[Callable[[], Any], Callable[[], Any], Any, dict[str, Any],
+                                 torch.Tensor]:
+    """(setup, eager step, cache, positions, steps): the prompt is prefilled here (untimed);
+    every repeat restarts from its positions. Call under inference mode."""
+    batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
+    new = int(task["bench"]["decode_tokens"])
+    prompt = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
+    cache = model.init_cache(batch, context + new, device, dtype)
+    with last_logits_only(model):
+        model(prompt, cache)
+    positions = snapshot_cache(cache, tensors=False)
+
+    def step() -> None:
+        for i in range(new):
+            model(steps[:, i : i + 1], cache)
+
+    return (lambda: restore_cache(cache, positions)), step, cache, positions, steps
+
+
+def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
+    setup, step, held = _ours_prefill_unit(model, task, device)
     with torch.inference_mode():
-        timing = _time(task, device, step, setup=held.clear)
+        timing = _time(task, device, step, setup=setup)
     flops = step_flops(model, "prefill", batch, context)
     return {**_timing_fields(timing, batch * context, flops, device, task["dtype"]),
             "state_bytes_measured": held["cache"].nbytes(),
@@ -177,20 +208,10 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
     bench = _bench(task)
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
     new = int(bench.decode_tokens)
-    prompt = _tokens(task["vocab_size"], batch, context, task["seed"], device)
-    steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
     out: dict[str, Any] = {"new_tokens": new}
     with torch.inference_mode():
-        cache = model.init_cache(batch, context + new, device, dtype)
-        with last_logits_only(model):
-            model(prompt, cache)
-        positions = snapshot_cache(cache, tensors=False)
-
-        def eager_step() -> None:
-            for i in range(new):
-                model(steps[:, i : i + 1], cache)
-
-        timing = _time(task, device, eager_step, setup=lambda: restore_cache(cache, positions))
+        setup, eager_step, cache, positions, steps = _ours_decode_unit(model, task, device)
+        timing = _time(task, device, eager_step, setup=setup)
         eager = timing
         if device.type == "cuda" and bench.cuda_graphs:
             decoder, info = graph_decoder_or_reason(model, cache, positions, steps,
@@ -247,31 +268,80 @@ INFERENCE_MODES = ("prefill", "decode", "memory", "probe_prefill")
 # ---- peers ------------------------------------------------------------------------------------
 
 
+def _peer_unit(peer: Any, task: dict[str, Any], device: torch.device
+               ) -> tuple[Callable[[], Any] | None, Callable[[], Any]]:
+    """(setup, step) of the peer in an inference mode (call under inference mode)."""
+    mode, batch, context = task["mode"], task["batch"], task["context"]
+    tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
+    peer.module.eval()
+    if mode == "prefill":
+        held: dict[str, Any] = {}
+
+        def step() -> None:
+            held["cache"] = peer.prefill(tokens)
+
+        return held.clear, step
+    if mode == "decode":
+        new = int(task["bench"]["decode_tokens"])
+        steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
+        return peer.decode(tokens, steps)
+    raise ValueError(f"mode {mode!r} has no peer measurement")
+
+
+def _units_tokens(task: dict[str, Any]) -> int:
+    """Tokens processed by one timed unit of the task's mode."""
+    if task["mode"] == "decode":
+        return task["batch"] * int(task["bench"]["decode_tokens"])
+    return task["batch"] * task["context"]
+
+
 def peer_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
     mode, batch, context = task["mode"], task["batch"], task["context"]
     if mode == "train":
         return _train(task, peer.module, lambda x, ctx: peer.logits(x), device, ours)
-    tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
-    peer.module.eval()
+    new = int(task["bench"]["decode_tokens"])
     with torch.inference_mode():
-        if mode == "prefill":
-            held: dict[str, Any] = {}
+        setup, step = _peer_unit(peer, task, device)
+        timing = _time(task, device, step, setup=setup)
+    flops = step_flops(ours, mode, batch, context, new)
+    out = _timing_fields(timing, _units_tokens(task), flops, device, task["dtype"])
+    if mode == "decode":
+        out.update(per_token_s=timing.median / new, new_tokens=new)
+    return out
 
-            def step() -> None:
-                held["cache"] = peer.prefill(tokens)
 
-            timing = _time(task, device, step, setup=held.clear)
-            flops = step_flops(ours, "prefill", batch, context)
-            return _timing_fields(timing, batch * context, flops, device, task["dtype"])
-        if mode == "decode":
-            new = int(task["bench"]["decode_tokens"])
-            steps = _tokens(task["vocab_size"], batch, new, task["seed"] + 1, device)
-            setup, step = peer.decode(tokens, steps)
-            timing = _time(task, device, step, setup=setup)
-            flops = step_flops(ours, "decode", batch, context, new)
-            return {**_timing_fields(timing, batch * new, flops, device, task["dtype"]),
-                    "per_token_s": timing.median / new, "new_tokens": new}
-    raise ValueError(f"mode {mode!r} has no peer measurement")
+def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
+               ) -> dict[str, Any]:
+    """Ours and the peer in one process, timed call by call in alternation (ABBA order), so
+    that a drift in the machine's load hits both alike; per pair, ratio = t_peer / t_ours (our
+    speed over theirs, same tokens). Decoding is eager on both sides."""
+    from archbench.evaluate.bench.measure import time_pair
+
+    mode = task["mode"]
+    b = _bench(task)
+    kwargs = {"warmup": b.warmup, "repeats": b.repeats, "min_seconds": b.min_seconds,
+              "max_repeats": b.max_repeats, "max_seconds": b.max_seconds}
+    if mode == "train":
+        ours_step = _train_step(task, ours, lambda x, ctx: ours(x, ctx=ctx), device)
+        peer_step = _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device)
+        mine, theirs = time_pair(ours_step, peer_step, device, **kwargs)
+    else:
+        with torch.inference_mode():
+            if mode == "prefill":
+                ours_setup, ours_step, _ = _ours_prefill_unit(ours, task, device)
+            else:
+                ours_setup, ours_step, *_ = _ours_decode_unit(ours, task, device)
+            peer_setup, peer_step = _peer_unit(peer, task, device)
+            mine, theirs = time_pair(ours_step, peer_step, device, setup_a=ours_setup,
+                                     setup_b=peer_setup, **kwargs)
+    ratios = sorted(tp / to for to, tp in zip(mine.times, theirs.times, strict=True))
+    q1, _, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                 else (ratios[0],) * 3)
+    tokens = _units_tokens(task)
+    return {"paired": {"ratio": statistics.median(ratios), "q1": q1, "q3": q3,
+                       "min": ratios[0], "max": ratios[-1], "n": len(ratios),
+                       "ours_tokens_per_s": tokens / mine.median,
+                       "peer_tokens_per_s": tokens / theirs.median}}
 
 
 # ---- one measurement --------------------------------------------------------------------------
@@ -317,7 +387,7 @@ def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None 
     memory.reset()
     model = peer = None
     try:
-        if task["which"] == "peer":
+        if task["which"] in ("peer", "pair"):
             from archbench.evaluate.bench.peers import choose_peer
 
             model = _build_ours(task, device, meta=True)
@@ -330,12 +400,15 @@ def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None 
             if choice.note:
                 out["notes"].append(choice.note)
             weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
+            if task["which"] == "pair":
+                model = _build_ours(task, device, meta=False)
             peer = choice.build(device, weights)
             out.update(peer_name=peer.name,
                        params={"total": sum(p.numel() for p in peer.module.parameters())})
             if send is not None:
                 send(dict(out))
-            out.update(peer_run(peer, model, task, device))
+            run = paired_run if task["which"] == "pair" else peer_run
+            out.update(run(peer, model, task, device))
         else:
             model = _build_ours(task, device, meta=False)
             out.update(_describe(model, task))
