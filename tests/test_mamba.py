@@ -9,6 +9,7 @@ of differently ordered sums).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -268,12 +269,22 @@ def test_no_weight_decay_names(kind: str) -> None:
     }
 
 
+def bigram_floor(seq: list[int]) -> float:
+    """Best mean loss (nats) of any predictor that sees only the current token."""
+    pairs = Counter(zip(seq[:-1], seq[1:], strict=True))
+    firsts = Counter(seq[:-1])
+    return -sum(c * math.log(c / firsts[a]) for (a, _), c in pairs.items()) / (len(seq) - 1)
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_loss_falls_on_repetitive_sequence(kind: str) -> None:
     torch.manual_seed(0)
     model = LanguageModel(tiny_arch(kind, chunk_size=8), 16).train()
-    pattern = torch.randint(0, 16, (12,), generator=torch.Generator().manual_seed(5))
-    seq = pattern.repeat(6)[None].repeat(4, 1)  # period 12: predictable after one period
+    # period 12 with repeated tokens: the next token depends on more than the current one
+    pattern = torch.randint(0, 16, (12,), generator=torch.Generator().manual_seed(2))
+    seq = pattern.repeat(6)[None].repeat(4, 1)
+    floor = bigram_floor(seq[0].tolist())
+    assert floor > 0.4
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     losses = []
     for _ in range(100):
@@ -283,9 +294,9 @@ def test_loss_falls_on_repetitive_sequence(kind: str) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    # untrained: ~ln 16 = 2.77; knowing only unigram frequencies still leaves > 2 nats
-    assert losses[0] > 2.5
-    assert losses[-1] < 0.5, losses[-10:]
+    assert losses[0] > 2.5  # untrained: about ln 16 = 2.77
+    # far below what the current token alone allows: the mixer carries the context
+    assert losses[-1] < min(0.1, floor / 4), (floor, losses[-10:])
 
 
 # ---- kernel choice ---------------------------------------------------------------------------

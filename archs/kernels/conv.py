@@ -93,4 +93,5 @@ def causal_conv1d_step_cuda(
     """`causal_conv1d_step` through `causal_conv1d_update` (state of width - 1, in place)."""
     from causal_conv1d import causal_conv1d_update
 
-    return causal_conv1d_update(x.contiguous(), conv_state, weight, bias, activation="silu")
+    x_state = x.to(conv_state.dtype).contiguous()  # the kernel wants one dtype for both
+    return causal_conv1d_update(x_state, conv_state, weight, bias, activation="silu").to(x.dtype)
