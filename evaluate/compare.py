@@ -246,6 +246,7 @@ class Comparison:
             k: list(v) for k, v in OmegaConf.to_container(self.cc.arch_overrides).items()}
         self.report_inputs: list[Path] = [self.sweep / "stages.jsonl"]
         self.load_before = os.getloadavg()[0]
+        self.command = " ".join(["archbench compare", *argv])
 
     def overrides(self, extra: list[str], arch_ov: list[str] = ()) -> list[str]:
         """A stage's overrides: the study's, the backbone's, then the user's (which win)."""
@@ -349,7 +350,7 @@ class Comparison:
         runs = {b: [d for d, _ in js] for b, js in jobs.items()}
         for arch_ov, names in self.groups(backbones):
             todo = [b for b in names if not all(finished(d) for d in runs[b])]
-            for b in set(names) - set(todo):
+            for b in (n for n in names if n not in todo):
                 for d in runs[b]:
                     print(f"  skipping {d}: already finished")
                 self.stages.add("train", f"{study}: {b}", "skipped", reason="finished")
@@ -415,7 +416,7 @@ class Comparison:
         dirs = {b: [d for d, _ in js] for b, js in jobs.items()}
         for arch_ov, names in self.groups(backbones):
             todo = [b for b in names if not all((d / "bench.csv").is_file() for d in dirs[b])]
-            for b in set(names) - set(todo):
+            for b in (n for n in names if n not in todo):
                 print(f"  skipping bench of {b}: bench.csv present")
                 self.stages.add("bench", b, "skipped", reason="bench.csv present")
             if not todo:
@@ -455,7 +456,7 @@ class Comparison:
         t = self.cfg.train
         preamble = [
             "## How this report was made", "",
-            f"Command: `archbench compare {' '.join(self.argv)}` (experiment "
+            f"Command: `{self.command}` (experiment "
             f"`conf/experiment/{self.experiment}.yaml`), sweep folder `{self.sweep}`.", "",
             f"Machine: {machine_text()}.", "",
             f"Time: {seconds:.0f} s wall for this invocation, {_child_cpu_seconds():.0f} s of "
@@ -472,7 +473,7 @@ class Comparison:
                         for name, spec in self.cc.studies.items()) + ".", "",
         ]
         path, _ = build_report(self.report_inputs, self.cc.out, self.cc.title, preamble,
-                               command=f"archbench compare {' '.join(self.argv)}".strip())
+                               command=self.command)
         return path
 
 

@@ -102,6 +102,13 @@ def human_tick(value: float, _pos: Any = None) -> str:
     return f"{value:.3g}"
 
 
+def context_tick(value: float, _pos: Any = None) -> str:
+    """Contexts in tokens: 512, 2K, 128K (powers of two read as such, not as 2.05K)."""
+    if value >= 1024 and float(value) % 1024 == 0:
+        return f"{int(value) // 1024}K"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
+
+
 def bytes_tick(value: float, _pos: Any = None) -> str:
     for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if abs(value) >= scale:
@@ -118,10 +125,12 @@ def label_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str | None = None,
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
+    xs = list(xs)
     if logx if logx is not None else spans_decades(xs):
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
         ax.xaxis.set_minor_formatter(NullFormatter())
+    if xs and max(abs(float(x)) for x in xs) >= 1e4:  # 200K, 1.5G: no "1e11" offset to decode
+        ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
     ys = list(ys)
     fmt = FuncFormatter(bytes_tick if ybytes else human_tick)
     if logy if logy is not None else spans_decades(ys):
@@ -144,7 +153,7 @@ def context_axis(ax: plt.Axes, contexts: Iterable[float]) -> None:
     if not values:
         return
     ax.set_xscale("log", base=2)
-    ax.set_xticks(values, [human_tick(v) for v in values])
+    ax.set_xticks(values, [context_tick(v) for v in values])
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 

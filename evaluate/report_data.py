@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,14 +250,20 @@ def human_bytes(value: Any) -> str:
     return "–" if value is None else plots.bytes_tick(float(value))
 
 
-def mean_spread(values: Iterable[Any], digits: int = 4) -> str:
+def mean_spread(values: Iterable[Any], digits: int = 4,
+                fmt: Callable[[float], str] | None = None) -> str:
     """'mean ± sd' over replicates (seeds), or the single value."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
         return "–"
+    show = fmt or (lambda v: f"{v:.{digits}g}")
     if len(vals) == 1:
-        return f"{vals[0]:.{digits}g}"
-    return f"{np.mean(vals):.{digits}g} ± {np.std(vals, ddof=1):.2g}"
+        return show(vals[0])
+    return f"{show(float(np.mean(vals)))} ± {show(float(np.std(vals, ddof=1)))}"
+
+
+def context(value: Any) -> str:
+    return "–" if value is None else plots.context_tick(float(value))
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:

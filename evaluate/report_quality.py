@@ -314,11 +314,17 @@ def _mqar(rep: Report) -> None:
     plots.context_axis(axes[0], [p for v in series2.values() for p, _, _ in v])
     plots.legend(axes[0])
     rep.figure(fig, "mqar_vs_pairs.png")
-    rows = [[f"**{label}**", d, sl, kv, f"{r['value']:.3f}", r.get("n", "–")]
-            for (label, sl, kv, d), r in sorted(
-                best.items(), key=lambda kv: (rep.labels.rank(kv[0][0]), str(kv[0][1:])))]
-    rep.lines += md_table(["backbone", "d_model", "seq_len", "pairs", metric,
-                           "answers scored"], rows)
+    pairs_all = sorted({k[2] for k in best})
+    table: dict[tuple[str, Any, Any], dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for (label, sl, kv, d), r in best.items():
+        table[(label, d, sl)][kv] = r
+    rows = [[f"**{label}**", d, sl, *(f"{cells[kv]['value']:.3f} (n={cells[kv].get('n', '?')})"
+                                      if kv in cells else "–" for kv in pairs_all)]
+            for (label, d, sl), cells in sorted(table.items(), key=lambda t: (
+                rep.labels.rank(t[0][0]), str(t[0][1:])))]
+    rep.lines += md_table(["backbone", "d_model", "seq_len",
+                           *(f"{metric} @{kv} pairs" for kv in pairs_all)], rows)
+    rep.lines += ["n: answer positions scored.", ""]
 
 
 def _passkey(rep: Report) -> None:
@@ -342,7 +348,7 @@ def _passkey(rep: Report) -> None:
         grid = np.full((len(depths), len(lengths)), np.nan)
         for (length, depth), vals in cells[label].items():
             grid[depths.index(depth), lengths.index(length)] = float(np.mean(vals))
-        image = plots.heatmap(ax, grid, [human(x) for x in lengths], depths,
+        image = plots.heatmap(ax, grid, [plots.context_tick(x) for x in lengths], depths,
                               "context length (tokens)", "needle depth (0 = start)", label)
         ax.title.set_color(rep.styles.colour(label))
     for ax in axes[len(labels):]:

@@ -15,6 +15,7 @@ import numpy as np
 from archbench.evaluate import plots
 from archbench.evaluate.report_data import (
     Report,
+    context,
     human,
     human_bytes,
     md_table,
@@ -43,15 +44,13 @@ def section_summary(rep: Report) -> bool:
             for lb, rs in runs.items()}))
     for mode, head in (("train", "train tok/s ↑"), ("prefill", "prefill tok/s ↑"),
                        ("decode", "decode tok/s ↑")):
-        at = _at_longest(rep, col.bench(mode), "tokens_per_s")
+        ctx, at = _at_longest(rep, col.bench(mode, ok_only=False), "tokens_per_s")
         if at:
-            columns.append((f"{head} @{human(max(c for c, _ in at.values()))}",
-                            {lb: human(v) for lb, (_, v) in at.items()}))
-    state = _at_longest(rep, [r for r in col.bench() if r.get("state_bytes_measured")],
-                        "state_bytes_measured")
+            columns.append((f"{head} @{context(ctx)}", {lb: human(v) for lb, v in at.items()}))
+    ctx, state = _at_longest(rep, _state_records(rep, ok_only=False), "state_bytes_measured")
     if state:
-        columns.append((f"cache/state bytes @{human(max(c for c, _ in state.values()))} ↓",
-                        {lb: human_bytes(v) for lb, (_, v) in state.items()}))
+        columns.append((f"cache/state bytes @{context(ctx)} ↓",
+                        {lb: human_bytes(v) for lb, v in state.items()}))
     for name, head in (("passkey", "passkey (mean) ↑"), ("mqar", "MQAR (mean) ↑")):
         recs = [r for r in col.evals(name) if r.get("primary")]
         if recs:
@@ -64,21 +63,24 @@ def section_summary(rep: Report) -> bool:
     rep.lines += ["## Summary", ""]
     rows = [[f"**{lb}**", *(cells.get(lb, "–") for _, cells in columns)] for lb in labels]
     rep.lines += md_table(["backbone", *(head for head, _ in columns)], rows)
-    rep.lines += ["Throughput and state at the longest context measured for that backbone (batch "
-                  "1 where measured); details and the exact settings below. ↑ higher is better, "
-                  "↓ lower.", ""]
+    rep.lines += ["Throughput and state at the longest context of the benchmark, smallest batch; "
+                  "– where a backbone has no result there (see Flagged). Details and settings "
+                  "below. ↑ higher is better, ↓ lower.", ""]
     return True
 
 
 def _at_longest(rep: Report, recs: list[dict[str, Any]], key: str
-                ) -> dict[str, tuple[float, float]]:
-    """label -> (context, median value) at the longest context with a value (smallest batch)."""
-    recs, _ = _one_batch(recs)
-    out: dict[str, tuple[float, float]] = {}
-    for label, pts in _series(rep, recs, key).items():
-        if pts:
-            out[label] = pts[-1]
-    return out
+                ) -> tuple[float | None, dict[str, float]]:
+    """The longest context measured (at the smallest batch) and each backbone's median value
+    there; a backbone that failed there (OOM, error) has no value, not one from a shorter
+    context."""
+    recs, _ = _one_batch([r for r in recs if r.get("context") is not None and (
+        r.get(key) is not None or r.get("status", "ok") != "ok")])
+    if not recs:
+        return None, {}
+    longest = max(float(r["context"]) for r in recs)
+    at = [r for r in recs if float(r["context"]) == longest and r.get("status", "ok") == "ok"]
+    return longest, {lb: pts[-1][1] for lb, pts in _series(rep, at, key).items() if pts}
 
 
 # ---- efficiency -------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ def section_efficiency(rep: Report) -> bool:
         return False
     rep.lines += ["## Efficiency", ""]
     if runs:
-        rows = [[f"**{label}**", mean_spread([r.summary.get("tokens_per_s") for r in rs], 3),
+        rows = [[f"**{label}**", mean_spread([r.summary.get("tokens_per_s") for r in rs],
+                                             fmt=human),
                  mean_spread([r.summary.get("wall_time_s") for r in rs], 3)]
                 for label, rs in runs.items()]
         rep.lines += ["Training runs, wall clock of the whole run (its evaluations included):", ""]
@@ -152,9 +155,9 @@ def _throughput(rep: Report) -> None:
     for ax, mode in zip(axes, modes, strict=True):
         recs, batch = _one_batch(rep.col.bench(mode))
         series = _series(rep, recs, "tokens_per_s")
-        what = {"train": "forward + backward + AdamW step", "prefill": "prompt of that length",
-                "decode": "new tokens after a prompt of that length"}[mode]
-        _draw(ax, rep, series, f"{mode} tokens/s", f"{mode}: {what} (batch {batch})")
+        what = {"train": "fwd + bwd + AdamW step", "prefill": "the whole prompt",
+                "decode": "new tokens after the prompt"}[mode]
+        _draw(ax, rep, series, f"{mode} tokens/s", f"{mode}: {what}, batch {batch}")
         for label, pts in series.items():
             tables.append((label, mode, batch, dict(pts)))
             contexts |= {c for c, _ in pts}
@@ -163,8 +166,20 @@ def _throughput(rep: Report) -> None:
     for label, mode, batch, pts in sorted(tables, key=lambda t: (modes.index(t[1]),
                                                                  rep.labels.rank(t[0]))):
         rows.append([f"**{label}**", mode, batch, *(human(pts.get(c)) for c in ctx)])
-    rep.lines += md_table(["backbone", "mode", "batch", *(f"tok/s @{human(c)}" for c in ctx)],
+    rep.lines += md_table(["backbone", "mode", "batch", *(f"tok/s @{context(c)}" for c in ctx)],
                           rows)
+
+
+def _state_records(rep: Report, ok_only: bool = True) -> list[dict[str, Any]]:
+    """Records whose cache/state bytes describe a cache of exactly `context` tokens: the memory
+    mode's (decode preallocates context + new tokens), else prefill's."""
+    for mode in ("memory", "prefill"):
+        recs = [r for r in rep.col.bench(mode, ok_only=ok_only)
+                if r.get("status", "ok") != "ok" or r.get("state_bytes_measured") is not None
+                or r.get("state_bytes_analytic") is not None]
+        if recs:
+            return recs
+    return []
 
 
 def _peak_above_baseline(r: dict[str, Any]) -> float | None:
@@ -178,8 +193,7 @@ def _memory(rep: Report) -> None:
     bench = rep.col.bench()
     mode = next((m for m in ("memory", "prefill", "train")
                  if any(r.get("mode") == m and r.get("peak_bytes") for r in bench)), None)
-    state = [r for r in bench if r.get("state_bytes_measured") is not None
-             or r.get("state_bytes_analytic") is not None]
+    state = _state_records(rep)
     if mode is None and not state:
         rep.note("Memory: no benchmark records with peak or state bytes.")
         return
@@ -220,9 +234,8 @@ def _max_context(rep: Report) -> None:
         bound = " (the search limit)" if r.get("context") and r.get("context") == r.get(
             "limit") else ""
         rows.append([f"**{rep.labels.of(r)}**", r.get("probe") or "–", r.get("batch", "–"),
-                     (human(r["context"]) + bound) if r.get("context") else "–",
-                     human(r.get("first_failed_context")) if r.get("first_failed_context")
-                     else "–", r.get("status")])
+                     (context(r["context"]) + bound) if r.get("context") else "–",
+                     context(r.get("first_failed_context")), r.get("status")])
     rep.lines += ["### Max context", ""]
     rep.lines += md_table(["backbone", "probe", "batch", "largest that fit (tokens)",
                            "first that did not", "status"], rows)
@@ -237,7 +250,7 @@ def _peers(rep: Report) -> None:
                                          r.get("context") or 0)):
         peer = r["peer"]
         ratio = peer.get("ratio")
-        rows.append([f"**{rep.labels.of(r)}**", r.get("mode"), human(r.get("context")),
+        rows.append([f"**{rep.labels.of(r)}**", r.get("mode"), context(r.get("context")),
                      r.get("batch"), human(r.get("tokens_per_s")), peer.get("name", "peer"),
                      human(peer.get("tokens_per_s")) if peer.get("status") == "ok"
                      else peer.get("status"),

@@ -164,3 +164,28 @@ def test_one_colour_per_backbone_and_sizes_only_where_needed() -> None:
     assert labels.styles("transformer")["color"] == "#1f77b4"  # the same in every report
     assert labels.ordered(["newnet", "mamba/tiny", "transformer"]) == [
         "transformer", "mamba/tiny", "newnet"]
+
+
+def test_an_oom_is_flagged_and_never_replaced_by_a_shorter_context(fixture: Path,
+                                                                   tmp_path: Path) -> None:
+    """A backbone that ran out of memory at the longest context shows no number there in the
+    summary (not its shorter-context one), and the OOM is listed under Flagged."""
+    records = _records_in(fixture / "bench" / "mamba")
+    longest = max(r["context"] for r in records)
+    for r in records:
+        if r["mode"] == "decode" and r["context"] == longest:
+            r.update(status="oom", tokens_per_s=None, error="OutOfMemoryError: induced")
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report, _ = build_report([path, fixture / "bench" / "transformer"], tmp_path / "out")
+    text = report.read_text()
+    summary = text.split("## Summary")[1].split("##")[0]
+    header = next(line for line in summary.splitlines() if line.startswith("| backbone"))
+    column = header.split(" | ").index(f"decode tok/s ↑ @{longest}")
+    mamba = next(line for line in summary.splitlines() if line.startswith("| **mamba**"))
+    assert mamba.split(" | ")[column] == "–"
+    transformer = next(line for line in summary.splitlines()
+                       if line.startswith("| **transformer**"))
+    assert transformer.split(" | ")[column] != "–"
+    flagged = text.split("### Flagged")[1]
+    assert f"bench decode of mamba at context {longest}, batch 1: **oom**" in flagged
