@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from archbench.device import pick_device
 from archbench.evaluate.perplexity import extrapolation_metrics, file_split, split_metrics
 from archbench.evaluate.records import EvalContext, make_record, write_records
 from archbench.evaluate.tasks import (
@@ -61,13 +62,6 @@ def expand_checkpoints(spec: str) -> list[Path]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"eval.device={name!r} but no CUDA device is available")
-    return device
 
 
 def _autocast_dtype(state: dict[str, Any], device: torch.device) -> torch.dtype | None:
@@ -97,7 +91,7 @@ class CheckpointEval:
 
     def __init__(self, cfg: DictConfig, path: Path) -> None:
         self.cfg, self.ecfg = cfg, cfg.eval
-        self.device = _device(self.ecfg.device)
+        self.device = pick_device(self.ecfg.device, "eval.device")
         self.model, self.tokenizer, self.state = load_model(path, self.device)
         ckpt = find_checkpoint(path)
         assert ckpt is not None

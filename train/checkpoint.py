@@ -27,7 +27,7 @@ KEEP = 2
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, incomplete, or does not fit the model or tokenizer."""
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
+from archbench.device import pick_device
 from archbench.evaluate.perplexity import split_metrics
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.provenance import provenance
@@ -37,16 +38,9 @@ IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The loss became NaN or infinite; the last good checkpoint stays in place."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -136,7 +130,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
     ctx_dist = dist_utils.setup(tcfg.distributed)
     rank, world, is_main = ctx_dist.rank, ctx_dist.world, ctx_dist.rank == 0
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), ctx_dist))  # rank 0's, everywhere
-    device = ctx_dist.device or pick_device(tcfg.device)
+    device = ctx_dist.device or pick_device(tcfg.device, "train.device")
     amp_dtype = pick_dtype(tcfg.dtype, device)
     if tcfg.batch_size % (tcfg.grad_accum * world):
         raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "

@@ -100,6 +100,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from archbench.config import ConfigError, to_container, validate
+from archbench.device import pick_device
 from archbench.io import append_jsonl, read_jsonl, write_text_atomic
 from archbench.provenance import provenance
 
@@ -125,17 +126,6 @@ CSV_COLUMNS = (
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
     "peer_ratio", "peer_ratio_basis", "probe", "error", "notes",
 )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"bench.device={name!r} but no CUDA device is available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> str:
@@ -188,7 +178,7 @@ class Bench:
         self.cfg, self.out_dir = cfg, out_dir
         self.bench = cfg.bench
         self.modes = _check_bench(self.bench)
-        self.device = pick_device(self.bench.device)
+        self.device = pick_device(self.bench.device, "bench.device")
         self.dtype = pick_dtype(self.bench.dtype, self.device)
         self.vocab_size, vocab_note = vocab_size_of(cfg.tokenizer)
         self.arch, self.fit = solve_size(cfg.arch, cfg.size, self.vocab_size)
