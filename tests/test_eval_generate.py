@@ -48,10 +48,7 @@ def tiny(name: str, vocab: int = 258) -> LanguageModel:
                                                     "chunk_size": 8},
              "moe": {"n_experts": 4, "top_k": 2}}
     torch.manual_seed(0)
-    try:
-        return LanguageModel(OmegaConf.merge(arch, small), vocab).eval()
-    except ImportError as exc:
-        pytest.skip(f"{name}: {exc}")
+    return LanguageModel(OmegaConf.merge(arch, small), vocab).eval()
 
 
 @pytest.fixture(scope="module")

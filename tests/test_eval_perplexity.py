@@ -52,10 +52,7 @@ def tiny(name: str, vocab: int, **changes: object) -> LanguageModel:
                                                     "chunk_size": 8},
              "moe": {"n_experts": 4, "top_k": 2}}
     torch.manual_seed(0)
-    try:
-        return LanguageModel(OmegaConf.merge(arch, small, changes), vocab).eval()
-    except ImportError as exc:  # a backbone whose module has not landed yet
-        pytest.skip(f"{name}: {exc}")
+    return LanguageModel(OmegaConf.merge(arch, small, changes), vocab).eval()
 
 
 def text_split(tokenizer, text: str = TEXT) -> TokenSplit:
