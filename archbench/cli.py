@@ -29,7 +29,7 @@ USAGE = """usage: archbench COMMAND [key=value ...] [-m]
 commands:
   train     train a backbone            archbench train arch=mamba size=tiny train.tokens=1e6
   info      sizes, FLOPs, memory        archbench info arch=jamba size=m
-  generate  sample from a checkpoint    archbench generate ckpt=runs/X prompt='def main'
+  generate  sample from a checkpoint    archbench generate ckpt=runs/X "prompt='def main'"
   eval      quality evaluations         archbench eval ckpt=runs/X eval.tasks=[bpb,mqar]
   bench     speed and memory            archbench bench arch=rwkv7 bench=cpu_smoke
   compare   the default comparison      archbench compare
