@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +38,16 @@ def tiny_arch(**overrides: Any) -> dict[str, Any]:
                             "attention": {"head_dim": 16}, "mlp": {"multiple_of": 16}}
     base.update(overrides)
     return base
+
+
+def run_killable(cmd: list[str], cwd: Path, env: dict[str, str],
+                 timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a launcher in its own session, so a hang kills its worker processes too."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, run_killable
 from safetensors.torch import load_file
 
 from archbench.train import distributed as dist_utils
@@ -53,13 +51,8 @@ def _env(cache: Path) -> dict[str, str]:
 def _torchrun(args: list[str], cwd: Path, cache: Path) -> None:
     """torchrun in its own session, so that a hang kills its workers too."""
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    proc = run_killable(cmd, cwd, _env(cache))
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
 
 

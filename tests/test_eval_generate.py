@@ -30,14 +30,6 @@ ARCHS = sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))
 PROMPTS = ["ab", "hello", "the fox jumps"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name: str, vocab: int = 258) -> LanguageModel:
     arch = OmegaConf.load(CONF / "arch" / f"{name}.yaml")
     period = lcm(len(expand_period(list(arch.pattern.mixers), "m", MIXER_KINDS)),

@@ -26,14 +26,6 @@ from archbench.evaluate.perplexity import score_continuations, text_bpb
 from archbench.train.tokenizer import ByteTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lm() -> ArchbenchLM:
     torch.manual_seed(0)

@@ -33,14 +33,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog; naïve café façade. " * 
         + "def add(a, b):\n    return a + b\n" * 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name: str, vocab: int, **changes: object) -> LanguageModel:
     """The arch yaml at test size (one full period of its layer pattern)."""
     arch = OmegaConf.load(CONF / "arch" / f"{name}.yaml")

@@ -29,14 +29,6 @@ FIELDS = {"kind", "eval", "metric", "value", "status", "params", "ckpt", "run", 
 TEXT = "def add(a, b):\n    return a + b\n\nclass C:\n    x = [1, 2, 3]\n" * 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def checkpoint(root: Path, name: str, arch: dict, vocab: int, config: dict) -> tuple[Path, Any]:
     torch.manual_seed(0)
     model = LanguageModel({"d_model": 32, "n_layers": 2, **arch}, vocab).eval()
@@ -46,7 +38,6 @@ def checkpoint(root: Path, name: str, arch: dict, vocab: int, config: dict) -> t
                      "config": config, "tokenizer": tok.identity,
                      "param_counts": model.param_counts()})
     return root / name, model
-
 
 
 def eval_cfg(ckpt: Path, **eval_values: object) -> object:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_config
+from conftest import make_config, run_killable
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
@@ -31,15 +30,7 @@ def _sweep(sweep_dir: Path, cache: Path, *overrides: str) -> subprocess.Complete
     cmd = [str(EXE), "train", "-m", f"hydra.sweep.dir={sweep_dir}",
            "hydra.sweep.subdir=${hydra.job.num}", *TINY, *overrides]
     env = {**os.environ, "ARCHBENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    # In its own session, so that a hang kills the launcher's worker processes too.
-    proc = subprocess.Popen(cmd, cwd=sweep_dir.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_killable(cmd, sweep_dir.parent, env)
 
 
 def _summary(job_dir: Path) -> dict:
