@@ -162,4 +162,5 @@ def test_checkpoint_files_hold_no_pickle(cache_env: Path, tmp_path: Path) -> Non
     run = tmp_path / "run"
     run_training(make_config(*TINY, "train.max_steps=2"), run)
     names = sorted(p.name for p in find_checkpoint(run).iterdir())
-    assert names == ["model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
+    assert names == ["manifest.json", "model.safetensors", "optimizer.safetensors", "state.json",
+                     "tokenizer.json"]
