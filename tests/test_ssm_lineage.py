@@ -1,0 +1,164 @@
+"""S4D, H3 and Hyena: the FFT convolution against the direct sum, each SSM's convolution form
+against its recurrence, and what each paper fixes (initialisation, state shapes, growth)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from archbench.archs.h3 import H3, H3Config
+from archbench.archs.hyena import Hyena, HyenaConfig
+from archbench.archs.kernels.fftconv import direct_causal_conv, fft_causal_conv
+from archbench.archs.s4d import S4D, DiagonalSSM, S4DConfig
+from archbench.config import ConfigError
+
+F64 = torch.float64
+
+
+def _arch(**sections: Any) -> SimpleNamespace:
+    return SimpleNamespace(d_model=12, n_layers=2, init_std=0.02, scaled_residual_init=True,
+                           **sections)
+
+
+def _mixer(kind: str, **cfg: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "s4d":
+        module = S4D(_arch(s4d=S4DConfig(d_state=8, **cfg)), 0)
+    elif kind == "h3":
+        module = H3(_arch(h3=H3Config(d_state=6, **cfg)), 0)
+    else:
+        module = Hyena(_arch(hyena=HyenaConfig(l_max=16, **cfg)), 0)
+    for name, param in module.named_parameters():  # outputs well above fp64 rounding
+        if name.endswith("output_linear.weight") or name.endswith("out_proj.weight"):
+            torch.nn.init.normal_(param, std=0.5)
+    return module.to(F64)
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 100])
+def test_fft_convolution_equals_direct_sum_in_fp64(length: int) -> None:
+    gen = torch.Generator().manual_seed(length)
+    u = torch.randn(2, 3, length, generator=gen, dtype=F64)
+    for klen in (1, 5, length, length + 9):  # shorter, equal and longer kernels
+        kernel = torch.randn(3, klen, generator=gen, dtype=F64)
+        torch.testing.assert_close(fft_causal_conv(u, kernel), direct_causal_conv(u, kernel),
+                                   atol=1e-12, rtol=0)
+
+
+def test_fft_convolution_is_causal_and_keeps_dtype() -> None:
+    u = torch.randn(1, 2, 30)
+    changed = u.clone()
+    changed[..., 20:] += 1.0
+    kernel = torch.randn(2, 30)
+    a, b = fft_causal_conv(u, kernel), fft_causal_conv(changed, kernel)
+    assert (a[..., :20] - b[..., :20]).abs().max() < 1e-5
+    assert not torch.allclose(a[..., 20:], b[..., 20:])
+    assert fft_causal_conv(u.to(torch.bfloat16), kernel).dtype == torch.bfloat16
+
+
+def test_diagonal_ssm_kernel_equals_its_recurrence() -> None:
+    torch.manual_seed(1)
+    ssm = DiagonalSSM(4, 8, "lin", 1e-3, 1e-1).to(F64)
+    u = torch.randn(3, 4, 50, dtype=F64)
+    with torch.no_grad():
+        y, h_last = ssm(u, return_state=True)
+        h = torch.zeros(3, 4, 4, dtype=torch.complex128)
+        steps = torch.stack([ssm.step(u[..., t], h) for t in range(50)], dim=-1)
+    torch.testing.assert_close(y, steps, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h_last, h, atol=1e-12, rtol=0)
+
+
+def test_diagonal_ssm_chunk_from_a_state_is_closed_form() -> None:
+    torch.manual_seed(2)
+    ssm = DiagonalSSM(3, 6, "inv", 1e-3, 1e-1).to(F64)
+    u = torch.randn(2, 3, 40, dtype=F64)
+    with torch.no_grad():
+        full, h_full = ssm(u, return_state=True)
+        first, h = ssm(u[..., :13], return_state=True)
+        second, h2 = ssm(u[..., 13:], h0=h, return_state=True)
+    torch.testing.assert_close(torch.cat([first, second], -1), full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h2, h_full, atol=1e-12, rtol=0)
+
+
+def test_s4d_initialisations_and_step_range() -> None:
+    lin = DiagonalSSM(2, 8, "lin", 1e-3, 1e-1)
+    inv = DiagonalSSM(2, 8, "inv", 1e-3, 1e-1)
+    torch.testing.assert_close(-torch.exp(lin.log_A_real), torch.full((2, 4), -0.5))
+    torch.testing.assert_close(lin.A_imag[0], math.pi * torch.arange(4.0))
+    n = torch.arange(4.0)
+    torch.testing.assert_close(inv.A_imag[1], 8 / math.pi * (8 / (2 * n + 1) - 1))
+    big = DiagonalSSM(4096, 2, "lin", 1e-3, 1e-1)
+    dt = torch.exp(big.log_dt)
+    assert dt.min() >= 1e-3 and dt.max() <= 1e-1
+    # log-uniform: the median step sits at the geometric mean sqrt(1e-3 * 1e-1) = 1e-2
+    assert abs(math.log10(dt.median().item()) + 2) < 0.1
+
+
+@pytest.mark.parametrize(("kind", "cfg"), [("s4d", {}), ("s4d", {"init": "inv"}), ("h3", {}),
+                                           ("h3", {"head_dim": 4}), ("hyena", {}),
+                                           ("hyena", {"order": 3})])
+def test_full_equals_chunked_equals_token_by_token(kind: str, cfg: dict[str, Any]) -> None:
+    mixer = _mixer(kind, **cfg).eval()
+    x = torch.randn(2, 21, 12, dtype=F64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = mixer(x)
+        state = mixer.init_state(2, 24, x.device, F64)
+        steps = torch.cat([mixer(x[:, t : t + 1], state) for t in range(21)], dim=1)
+        state = mixer.init_state(2, 24, x.device, F64)
+        parts = [mixer(x[:, :6], state), mixer(x[:, 6:15], state)]
+        parts += [mixer(x[:, t : t + 1], state) for t in range(15, 21)]
+    assert full.abs().max() > 1e-3
+    torch.testing.assert_close(steps, full, atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-10, rtol=0)
+    assert state.length == 21
+    assert state.nbytes() == mixer.state_bytes(2, 24, F64)
+
+
+def test_recurrent_states_are_constant_and_hyena_grows_with_context() -> None:
+    for kind in ("s4d", "h3"):
+        mixer = _mixer(kind)
+        sizes = {mixer.state_bytes(3, ctx, torch.bfloat16) for ctx in (1, 1000, 100_000)}
+        assert len(sizes) == 1
+        assert mixer.init_state(3, 4096, torch.device("cpu"), torch.bfloat16).nbytes() == \
+            sizes.pop()
+    hyena = _mixer("hyena")
+    small, large = (hyena.state_bytes(2, ctx, torch.bfloat16) for ctx in (1000, 2000))
+    window = 2 * 3 * 12 * 2 * 2  # batch, streams, d, width - 1, bf16
+    assert large - window == 2 * (small - window)  # history and filters: linear in context
+    assert hyena.init_state(2, 1000, torch.device("cpu"), torch.bfloat16).nbytes() == small
+
+
+def test_h3_state_shapes_follow_the_heads() -> None:
+    h3 = _mixer("h3", head_dim=4)  # 12 channels: 3 heads of 4, a 4 x 4 product per head
+    state = h3.init_state(2, 10, torch.device("cpu"), torch.float32)
+    assert state.k_window.shape == (2, 12, 5)  # the last N - 1 = 5 inputs of k
+    assert state.h.shape == (2, 4, 4, 3, 3, 2)  # (B, d_head, d_head, heads, N/2, re/im)
+
+
+@pytest.mark.parametrize(("kind", "cfg", "field"), [
+    ("s4d", {"d_state": 7}, "arch.s4d.d_state=7"),
+    ("s4d", {"init": "legs"}, "arch.s4d.init='legs'"),
+    ("h3", {"head_dim": 5}, "arch.h3.head_dim=5"),
+    ("hyena", {"pos_features": 4}, "arch.hyena.pos_features=4"),
+])
+def test_bad_settings_name_the_field(kind: str, cfg: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
+        if kind == "s4d":
+            S4D(_arch(s4d=S4DConfig(**{"d_state": 8, **cfg})), 0)
+        elif kind == "h3":
+            H3(_arch(h3=H3Config(**cfg)), 0)
+        else:
+            Hyena(_arch(hyena=HyenaConfig(**cfg)), 0)
+
+
+def test_ssm_parameters_are_flagged_for_the_optimizer_rule() -> None:
+    s4d, h3 = _mixer("s4d"), _mixer("h3")
+    assert s4d.no_weight_decay() >= {"ssm.log_dt", "ssm.log_A_real", "ssm.A_imag", "D"}
+    assert set(s4d.lr_overrides()) == {"ssm.log_dt", "ssm.log_A_real", "ssm.A_imag"}
+    assert all(rule == {"lr_max": 1e-3} for rule in h3.lr_overrides().values())
+    assert _mixer("s4d", ssm_lr=None).lr_overrides() == {}
+    names = dict(s4d.named_parameters())
+    assert all(name in names for name in s4d.lr_overrides())
