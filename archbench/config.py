@@ -3,22 +3,23 @@
 Hydra merges every YAML file of conf/ into these dataclasses, so an unknown key or a value of the
 wrong type fails at compose time with the full key in the message. Rules that types cannot express
 (allowed names, positivity, divisibility) live in `validate`, which every entry point calls first.
+
+The dataclasses hold every default; conf/ files hold only what differs. The `arch` node is
+composed: the shell's own settings (`ShellConfig`) plus one section per registered mixer or MLP
+kind, whose dataclass and checks live in that component's module (archs/registry.py). `ArchConfig`
+and `RootConfig` are therefore built on first use, once every component has declared itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING as FIELD_MISSING
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-MIXER_KINDS = ("attention", "mamba", "mamba2", "rwkv7")
-MLP_SLOTS = ("none", "dense", "moe")
-DENSE_MLP_KINDS = ("swiglu", "gelu", "rwkv_cmix")
 NORM_KINDS = ("rmsnorm", "layernorm")
-POSITION_KINDS = ("rope", "learned", "none")
-KERNEL_CHOICES = ("auto", "torch", "cuda", "triton")
 SIZE_METRICS = ("non_embedding", "active", "total", "flops")
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -28,78 +29,6 @@ DATA_SOURCES = ("stdlib", "path", "hf", "task")
 
 class ConfigError(ValueError):
     """A bad configuration value, reported with its key, its value and what is allowed."""
-
-
-@dataclass
-class AttentionConfig:
-    head_dim: int = 64
-    n_heads: int | None = None  # None: d_model // head_dim
-    n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer gives GQA
-    position: str = "rope"
-    rope_theta: float = 10000.0
-    max_position: int = 2048  # only for learned positions
-    kernels: str = "auto"  # auto | torch (math SDPA) | cuda (flash SDPA, error if unavailable)
-
-
-@dataclass
-class MambaConfig:
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | None = None  # None: ceil(d_model / 16)
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    chunk_size: int = 64
-    kernels: str = "auto"
-    dt_scale: float = 1.0  # dt_proj.weight ~ U(+-dt_scale / sqrt(dt_rank)), as mamba_ssm
-
-
-@dataclass
-class Mamba2Config:
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    ngroups: int = 1
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    chunk_size: int = 64
-    kernels: str = "auto"
-    a_init_range: list[float] = field(default_factory=lambda: [1.0, 16.0])  # A ~ U[lo, hi]
-
-
-@dataclass
-class RWKV7Config:
-    head_size: int = 64
-    decay_lora: int | None = None  # None: sized from d_model as in RWKV-LM
-    iclr_lora: int | None = None
-    value_lora: int | None = None
-    gate_lora: int | None = None
-    chunk_size: int = 16
-    kernels: str = "auto"
-
-
-@dataclass
-class MLPConfig:
-    kind: str = "swiglu"
-    hidden_mult: float = 8.0 / 3.0
-    multiple_of: int = 32
-
-
-@dataclass
-class MoEConfig:
-    n_experts: int = 16
-    top_k: int = 2
-    renormalize: bool = True
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    expert_kind: str = "swiglu"
-    hidden_mult: float = 8.0 / 3.0
-    kernels: str = "auto"  # auto | torch (expert loop, the reference) | grouped_mm
 
 
 @dataclass
@@ -114,7 +43,10 @@ class LayerPattern:
 
 
 @dataclass
-class ArchConfig:
+class ShellConfig:
+    """The shell's own settings (archs/model.py). `ArchConfig` adds one section per registered
+    component: arch.attention, arch.mamba, arch.mlp, arch.moe, ... (archs/registry.py)."""
+
     name: str = "transformer"
     pattern: LayerPattern = field(default_factory=LayerPattern)
     d_model: int = 0  # 0: solved from the size preset
@@ -124,16 +56,10 @@ class ArchConfig:
     embed_norm: bool = False  # a norm right after the embedding (RWKV's ln0)
     tie_embeddings: bool = True
     init_std: float = 0.02
-    embed_init: str = "normal"  # normal (std init_std) | rwkv (uniform +-1e-4, orthogonal head)
+    embed_init: str = "normal"  # a scheme registered with register_embed_init (normal, rwkv)
     scaled_residual_init: bool = True  # output projections scaled by 1/sqrt(2 * n_layers)
     aspect: float = 64.0  # preferred d_model per layer when solving sizes
     width_multiple: int = 64
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
-    rwkv7: RWKV7Config = field(default_factory=RWKV7Config)
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -313,8 +239,10 @@ class CompareConfig:
 
 
 @dataclass
-class RootConfig:
-    arch: ArchConfig = field(default_factory=ArchConfig)
+class RootSettings:
+    """The root of the tree; `RootConfig` is this with `arch` typed by the composed ArchConfig."""
+
+    arch: ShellConfig = field(default_factory=ShellConfig)
     size: SizeConfig = field(default_factory=SizeConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,17 +257,55 @@ class RootConfig:
     out_dir: str | None = None
 
 
+def arch_schema() -> type:
+    """The composed `arch` node: ShellConfig plus one section per registered component."""
+    from archbench.archs.registry import arch_schema as compose
+
+    return compose(ShellConfig)
+
+
+_ROOT: list[type] = []
+
+
+def root_schema() -> type:
+    """RootSettings with `arch` typed by the composed ArchConfig (built once)."""
+    if not _ROOT:
+        arch = arch_schema()
+        specs: list[Any] = []
+        for f in fields(RootSettings):
+            if f.name == "arch":
+                specs.append(("arch", arch, field(default_factory=arch)))
+            elif f.default_factory is not FIELD_MISSING:
+                specs.append((f.name, f.type, field(default_factory=f.default_factory)))
+            else:
+                specs.append((f.name, f.type, field(default=f.default)))
+        _ROOT.append(make_dataclass("RootConfig", specs,
+                                    namespace={"__module__": __name__}))
+    return _ROOT[0]
+
+
+def __getattr__(name: str) -> Any:
+    """`ArchConfig` and `RootConfig` exist once the components have registered (PEP 562)."""
+    if name == "ArchConfig":
+        return arch_schema()
+    if name == "RootConfig":
+        return root_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def register_schema() -> None:
     """Make `config_schema` available to the defaults list of conf/config.yaml."""
-    ConfigStore.instance().store(name="config_schema", node=RootConfig)
+    ConfigStore.instance().store(name="config_schema", node=root_schema())
 
 
-def _allowed(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def require_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """A ConfigError naming key, value and the allowed values unless `value` is one of them."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+def require_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    """A ConfigError unless `value` is > 0 (>= 0 with allow_zero); None means unset."""
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
@@ -356,76 +322,58 @@ def expand_period(items: list[str] | str, key: str, allowed: tuple[str, ...]) ->
         name, _, count = str(item).partition("*")
         if count and (not count.isdigit() or int(count) < 1):
             raise ConfigError(f"{key}: bad repeat count in {item!r}; write NAME*N with N >= 1")
-        _allowed(key, name, allowed)
+        require_choice(key, name, allowed)
         out.extend([name] * (int(count) if count else 1))
     if not out:
         raise ConfigError(f"{key} is empty; give at least one of {list(allowed)}")
     return out
 
 
+def pattern_periods(arch: Any) -> tuple[list[str], list[str]]:
+    """One period of mixers and one of MLP kinds, expanded and checked against the registry."""
+    from archbench.archs import registry
+
+    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers",
+                           registry.mixer_names())
+    mlps = expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", registry.mlp_names())
+    return mixers, mlps
+
+
 def validate_arch(arch: Any) -> None:
-    _allowed("arch.norm", arch.norm, NORM_KINDS)
-    _allowed("arch.embed_init", arch.embed_init, ("normal", "rwkv"))
-    _allowed("arch.attention.position", arch.attention.position, POSITION_KINDS)
-    _allowed("arch.mlp.kind", arch.mlp.kind, DENSE_MLP_KINDS)
-    _allowed("arch.moe.expert_kind", arch.moe.expert_kind, ("swiglu", "gelu"))
-    for sub in ("attention", "mamba", "mamba2", "rwkv7"):
-        _allowed(f"arch.{sub}.kernels", arch[sub].kernels, KERNEL_CHOICES)
-    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS)
-    mlps = expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", MLP_SLOTS)
+    """Shell settings, the pattern, every component's `kernels` choice (always: a typo there is
+    caught even for an unused mixer), then the checks of each component the pattern uses."""
+    from archbench.archs import registry
+
+    require_choice("arch.norm", arch.norm, NORM_KINDS)
+    require_choice("arch.embed_init", arch.embed_init, tuple(registry.embed_inits()))
+    mixers, mlps = pattern_periods(arch)
     for key in ("d_model", "n_layers"):
-        _positive(f"arch.{key}", arch[key], allow_zero=True)
+        require_positive(f"arch.{key}", arch[key], allow_zero=True)
     for period, key in ((len(mixers), "arch.pattern.mixers"), (len(mlps), "arch.pattern.mlps")):
         if arch.n_layers and arch.n_layers % period:
             raise ConfigError(
                 f"{key} has period {period}, which does not divide arch.n_layers={arch.n_layers}"
             )
-    att = arch.attention
-    _positive("arch.attention.head_dim", att.head_dim)
-    if arch.d_model and "attention" in mixers:
-        n_heads = att.n_heads or arch.d_model // att.head_dim
-        if att.n_heads is None and arch.d_model % att.head_dim:
-            raise ConfigError(
-                f"arch.d_model={arch.d_model} is not divisible by "
-                f"arch.attention.head_dim={att.head_dim}"
-            )
-        if att.n_kv_heads is not None and (att.n_kv_heads < 1 or n_heads % att.n_kv_heads):
-            raise ConfigError(
-                f"arch.attention.n_kv_heads={att.n_kv_heads} must divide n_heads={n_heads}"
-            )
-    if "moe" in mlps:
-        _positive("arch.moe.n_experts", arch.moe.n_experts)
-        _positive("arch.moe.top_k", arch.moe.top_k)
-        _positive("arch.moe.hidden_mult", arch.moe.hidden_mult)
-        _positive("arch.moe.aux_loss_coef", arch.moe.aux_loss_coef, allow_zero=True)
-        _positive("arch.moe.z_loss_coef", arch.moe.z_loss_coef, allow_zero=True)
-        _allowed("arch.moe.kernels", arch.moe.kernels, ("auto", "torch", "grouped_mm"))
-        if arch.moe.top_k > arch.moe.n_experts:
-            raise ConfigError(
-                f"arch.moe.top_k={arch.moe.top_k} is greater than "
-                f"arch.moe.n_experts={arch.moe.n_experts}; top_k must be <= n_experts"
-            )
-    if arch.d_model and "rwkv7" in mixers and arch.d_model % arch.rwkv7.head_size:
-        raise ConfigError(
-            f"arch.d_model={arch.d_model} is not divisible by "
-            f"arch.rwkv7.head_size={arch.rwkv7.head_size}"
-        )
-    _positive("arch.mamba.chunk_size", arch.mamba.chunk_size)
-    _positive("arch.mamba2.chunk_size", arch.mamba2.chunk_size)
-    _positive("arch.rwkv7.chunk_size", arch.rwkv7.chunk_size)
+    used = {("mixer", m) for m in mixers} | {("mlp", m) for m in mlps if m != registry.NO_MLP}
+    for comp in registry.all_components():
+        if comp.kernels:
+            key = comp.config_key
+            require_choice(f"arch.{key}.kernels", arch[key].kernels, comp.kernels)
+        if comp.validate is not None and (comp.role, comp.name) in used:
+            comp.validate(arch)
 
 
 def validate(cfg: Any) -> None:
     """Check every value that a type cannot; raise ConfigError naming the key, before any work."""
     validate_arch(cfg.arch)
-    _allowed("size.metric", cfg.size.metric, SIZE_METRICS)
-    _positive("size.target", cfg.size.target)
-    _allowed("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
+    require_choice("size.metric", cfg.size.metric, SIZE_METRICS)
+    require_positive("size.target", cfg.size.target)
+    require_choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     if cfg.tokenizer.kind == "file" and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.path is required when tokenizer.kind='file'")
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 260:
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be >= 260")
-    _allowed("data.source", cfg.data.source, DATA_SOURCES)
+    require_choice("data.source", cfg.data.source, DATA_SOURCES)
     if cfg.data.source == "path" and not cfg.data.path:
         raise ConfigError("data.path is required when data.source='path'")
     if not 0.0 <= cfg.data.holdout_tail < 1.0:
@@ -434,18 +382,18 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     t = cfg.train
     for key in ("batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "ckpt_every"):
-        _positive(f"train.{key}", t[key])
+        require_positive(f"train.{key}", t[key])
     for key in ("lr", "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio"):
-        _positive(f"train.{key}", t[key], allow_zero=key != "lr")
+        require_positive(f"train.{key}", t[key], allow_zero=key != "lr")
     if not (isinstance(t.tokens, (int, float)) or t.tokens == "chinchilla"):
         raise ConfigError(f"train.tokens={t.tokens!r} must be a number or 'chinchilla'")
     if isinstance(t.tokens, (int, float)):
-        _positive("train.tokens", t.tokens)
-    _allowed("train.schedule", t.schedule, SCHEDULES)
-    _allowed("train.dtype", t.dtype, DTYPES)
-    _allowed("train.distributed", t.distributed, ("none", "ddp", "fsdp"))
-    _allowed("bench.dtype", cfg.bench.dtype, DTYPES)
-    _allowed("logger.kind", cfg.logger.kind, ("none", "mlflow", "tensorboard"))
+        require_positive("train.tokens", t.tokens)
+    require_choice("train.schedule", t.schedule, SCHEDULES)
+    require_choice("train.dtype", t.dtype, DTYPES)
+    require_choice("train.distributed", t.distributed, ("none", "ddp", "fsdp"))
+    require_choice("bench.dtype", cfg.bench.dtype, DTYPES)
+    require_choice("logger.kind", cfg.logger.kind, ("none", "mlflow", "tensorboard"))
     g = cfg.generate
     if g.temperature < 0:
         raise ConfigError(f"generate.temperature={g.temperature} must be >= 0 (0 means greedy)")
@@ -462,4 +410,4 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-__all__ = ["MISSING", "ConfigError", "RootConfig", "validate", "register_schema"]
+__all__ = ["MISSING", "ConfigError", "root_schema", "validate", "register_schema"]

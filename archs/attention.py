@@ -17,6 +17,49 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from archbench.archs.base import LayerState, Sublayer, require_kernels
 from archbench.archs.model import residual_std
+from archbench.archs.registry import register_mixer
+from archbench.config import ConfigError, require_choice, require_positive
+
+POSITION_KINDS = ("rope", "learned", "none")
+
+
+@dataclass
+class AttentionConfig:
+    head_dim: int = 64
+    n_heads: int | None = None  # None: d_model // head_dim
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer gives GQA
+    position: str = "rope"  # rope | learned (a table added by the shell) | none
+    rope_theta: float = 10000.0
+    max_position: int = 2048  # only for learned positions
+    kernels: str = "auto"  # auto | torch (math SDPA) | cuda (flash SDPA, error if unavailable)
+
+
+def check_attention(arch: Any) -> None:
+    att = arch.attention
+    require_choice("arch.attention.position", att.position, POSITION_KINDS)
+    require_positive("arch.attention.head_dim", att.head_dim)
+    require_positive("arch.attention.max_position", att.max_position)
+    if not arch.d_model:
+        return
+    n_heads = att.n_heads or arch.d_model // att.head_dim
+    if att.n_heads is None and arch.d_model % att.head_dim:
+        raise ConfigError(
+            f"arch.d_model={arch.d_model} is not divisible by "
+            f"arch.attention.head_dim={att.head_dim}"
+        )
+    if att.n_kv_heads is not None and (att.n_kv_heads < 1 or n_heads % att.n_kv_heads):
+        raise ConfigError(
+            f"arch.attention.n_kv_heads={att.n_kv_heads} must divide n_heads={n_heads}"
+        )
+
+
+def attention_width_divisor(arch: Any) -> int:
+    """Whole heads: d_model steps by head_dim unless n_heads is fixed."""
+    return int(arch.attention.head_dim) if arch.attention.n_heads is None else 1
+
+
+def learned_position_rows(arch: Any) -> int:
+    return int(arch.attention.max_position) if arch.attention.position == "learned" else 0
 
 
 @dataclass
@@ -50,6 +93,11 @@ _BACKENDS = {
 }
 
 
+@register_mixer(
+    "attention", config=AttentionConfig, kernels=("auto", "torch", "cuda"),
+    validate=check_attention, width_divisor=attention_width_divisor,
+    learned_positions=learned_position_rows, position_key="arch.attention.max_position",
+)
 class Attention(Sublayer):
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()

@@ -34,6 +34,9 @@ class Sublayer(nn.Module):
     """Base of mixers and MLPs. `kernel_path` names the code path that actually runs."""
 
     kernel_path: str = "torch"
+    # True where a training step may leave some parameters without a gradient (MoE experts that
+    # no token picked): DDP must then look for unused parameters.
+    leaves_params_unused: bool = False
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None

@@ -15,7 +15,7 @@ half a Transformer layer, so a 24-layer Mamba matches a 12-layer Transformer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,81 @@ from torch import nn
 from archbench.archs.base import LayerState, Sublayer, require_kernels
 from archbench.archs.kernels import conv, selective_scan, ssd
 from archbench.archs.model import residual_std
-from archbench.config import ConfigError
+from archbench.archs.registry import register_mixer
+from archbench.config import ConfigError, require_positive
+
+MAMBA_KERNELS = ("auto", "torch", "cuda")  # cuda: mamba_ssm + causal_conv1d, error if missing
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    chunk_size: int = 16  # torch path only: time steps per scan chunk (speed/memory, not math)
+    kernels: str = "auto"
+    dt_scale: float = 1.0  # dt_proj.weight ~ U(+-dt_scale / sqrt(dt_rank)), as mamba_ssm
+
+
+@dataclass
+class Mamba2Config:
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    ngroups: int = 1
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    chunk_size: int = 64  # SSD chunk length (the quadratic block); a speed knob, not math
+    kernels: str = "auto"
+    a_init_range: list[float] = field(default_factory=lambda: [1.0, 16.0])  # A ~ U[lo, hi]
+
+
+def _check_common(arch: Any, key: str) -> None:
+    cfg = arch[key]
+    for name in ("d_state", "d_conv", "expand", "chunk_size"):
+        require_positive(f"arch.{key}.{name}", cfg[name])
+    if not 0 < cfg.dt_min <= cfg.dt_max:
+        raise ConfigError(f"arch.{key}.dt_min={cfg.dt_min} and dt_max={cfg.dt_max} must "
+                          "satisfy 0 < dt_min <= dt_max")
+
+
+def check_mamba(arch: Any) -> None:
+    _check_common(arch, "mamba")
+    require_positive("arch.mamba.dt_rank", arch.mamba.dt_rank)
+
+
+def check_mamba2(arch: Any) -> None:
+    _check_common(arch, "mamba2")
+    cfg = arch.mamba2
+    require_positive("arch.mamba2.head_dim", cfg.head_dim)
+    lo, hi = (float(v) for v in cfg.a_init_range)
+    if not 0 < lo <= hi:
+        raise ConfigError(f"arch.mamba2.a_init_range={[lo, hi]} must satisfy 0 < lo <= hi")
+    if not arch.d_model:
+        return
+    d_inner = cfg.expand * arch.d_model
+    if d_inner % cfg.head_dim:
+        raise ConfigError(f"arch.mamba2.head_dim={cfg.head_dim} must divide d_inner = expand * "
+                          f"d_model = {d_inner}")
+    n_heads = d_inner // cfg.head_dim
+    if cfg.ngroups < 1 or n_heads % cfg.ngroups:
+        raise ConfigError(
+            f"arch.mamba2.ngroups={cfg.ngroups} must divide the number of heads {n_heads}"
+        )
+
+
+def mamba2_width_divisor(arch: Any) -> int:
+    """Widths whose expand * d_model holds whole heads."""
+    head_dim, expand = int(arch.mamba2.head_dim), int(arch.mamba2.expand)
+    return head_dim // math.gcd(head_dim, expand)
 
 
 @dataclass
@@ -129,6 +203,13 @@ class _MambaBase(Sublayer):
         return conv.causal_conv1d_step(x, weight, self.conv1d.bias, state.conv_state)
 
 
+def hf_export(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(transformers config, state dict) of a pure Mamba / Mamba-2 model (see the end of file)."""
+    return hf_mamba_config(model), to_hf_mamba_state_dict(model)
+
+
+@register_mixer("mamba", config=MambaConfig, kernels=MAMBA_KERNELS, validate=check_mamba,
+                hf_export=hf_export)
 class Mamba(_MambaBase):
     """Mamba-1 mixer (Gu & Dao, 2023): in_proj -> conv + SiLU -> selective scan -> gate -> out."""
 
@@ -243,6 +324,8 @@ class GatedRMSNorm(nn.Module):
         return (groups.view_as(h) * self.weight.float()).to(x.dtype)
 
 
+@register_mixer("mamba2", config=Mamba2Config, kernels=MAMBA_KERNELS, validate=check_mamba2,
+                width_divisor=mamba2_width_divisor, hf_export=hf_export)
 class Mamba2(_MambaBase):
     """Mamba-2 mixer (Dao & Gu, 2024): one in_proj to [z, x, B, C, dt], conv over (x, B, C), SSD
     with a scalar decay per head, gated RMSNorm, out_proj."""
@@ -256,20 +339,9 @@ class Mamba2(_MambaBase):
         d = arch.d_model
         self.layer_idx = layer_idx
         self.d_inner = cfg.expand * d
-        if self.d_inner % cfg.head_dim:
-            raise ConfigError(
-                f"arch.mamba2.head_dim={cfg.head_dim} must divide d_inner = expand * d_model = "
-                f"{self.d_inner}"
-            )
         self.head_dim = cfg.head_dim
         self.n_heads = self.d_inner // cfg.head_dim
-        if cfg.ngroups < 1 or self.n_heads % cfg.ngroups:
-            raise ConfigError(
-                f"arch.mamba2.ngroups={cfg.ngroups} must divide the number of heads {self.n_heads}"
-            )
         lo, hi = (float(v) for v in cfg.a_init_range)
-        if not 0 < lo <= hi:
-            raise ConfigError(f"arch.mamba2.a_init_range={[lo, hi]} must satisfy 0 < lo <= hi")
         self.ngroups = cfg.ngroups
         self.d_state = cfg.d_state
         self.d_conv = cfg.d_conv

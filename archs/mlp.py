@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +11,53 @@ from torch import nn
 
 from archbench.archs.base import LayerState, Sublayer, require_kernels
 from archbench.archs.model import residual_std
+from archbench.archs.registry import register_mlp
+from archbench.config import ConfigError, require_choice, require_positive
+
+DENSE_KINDS = ("swiglu", "gelu")
+
+
+@dataclass
+class MLPConfig:
+    """The dense MLP (`arch.mlp`); `multiple_of` also rounds the MoE experts' hidden size."""
+
+    kind: str = "swiglu"  # swiglu (Llama) | gelu (GPT-2)
+    hidden_mult: float = 8.0 / 3.0
+    multiple_of: int = 32
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 16
+    top_k: int = 2
+    renormalize: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    expert_kind: str = "swiglu"
+    hidden_mult: float = 8.0 / 3.0
+    kernels: str = "auto"  # auto | torch (expert loop, the reference) | grouped_mm
+
+
+def check_dense(arch: Any) -> None:
+    require_choice("arch.mlp.kind", arch.mlp.kind, DENSE_KINDS)
+    require_positive("arch.mlp.hidden_mult", arch.mlp.hidden_mult)
+    require_positive("arch.mlp.multiple_of", arch.mlp.multiple_of)
+
+
+def check_moe(arch: Any) -> None:
+    moe = arch.moe
+    require_positive("arch.moe.n_experts", moe.n_experts)
+    require_positive("arch.moe.top_k", moe.top_k)
+    require_positive("arch.moe.hidden_mult", moe.hidden_mult)
+    require_positive("arch.moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
+    require_positive("arch.moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
+    require_choice("arch.moe.expert_kind", moe.expert_kind, DENSE_KINDS)
+    require_positive("arch.mlp.multiple_of", arch.mlp.multiple_of)
+    if moe.top_k > moe.n_experts:
+        raise ConfigError(
+            f"arch.moe.top_k={moe.top_k} is greater than arch.moe.n_experts={moe.n_experts}; "
+            "top_k must be <= n_experts"
+        )
 
 
 def hidden_size(d_model: int, mult: float, multiple_of: int) -> int:
@@ -18,6 +66,7 @@ def hidden_size(d_model: int, mult: float, multiple_of: int) -> int:
     return multiple_of * ((raw + multiple_of - 1) // multiple_of)
 
 
+@register_mlp("dense", config=MLPConfig, config_key="mlp", validate=check_dense)
 class DenseMLP(Sublayer):
     """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj), without biases."""
 
@@ -97,6 +146,8 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return lse.pow(2).mean()
 
 
+@register_mlp("moe", config=MoEConfig, kernels=("auto", "torch", "grouped_mm"),
+              validate=check_moe)
 class MoE(Sublayer):
     """Mixture of SwiGLU (or GELU) experts with a softmax top-k router, dropless.
 
@@ -107,16 +158,14 @@ class MoE(Sublayer):
     load-balancing loss asks for anyway; no published recipe we follow exempts it.
     """
 
+    leaves_params_unused = True
+
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()
         cfg = arch.moe
         d = arch.d_model
         self.d_model = d
         self.n_experts, self.top_k = int(cfg.n_experts), int(cfg.top_k)
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(
-                f"arch.moe.top_k={self.top_k} must be in [1, arch.moe.n_experts={self.n_experts}]"
-            )
         self.renormalize = bool(cfg.renormalize)
         self.aux_loss_coef, self.z_loss_coef = float(cfg.aux_loss_coef), float(cfg.z_loss_coef)
         self.expert_kind = cfg.expert_kind

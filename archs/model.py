@@ -15,25 +15,38 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from archbench.archs import registry
 from archbench.archs.base import LayerState, Sublayer
-from archbench.config import MIXER_KINDS, MLP_SLOTS, ArchConfig, expand_period, validate_arch
+from archbench.config import ConfigError, arch_schema, pattern_periods, validate_arch
 
 
 def arch_config(arch: Any) -> DictConfig:
     """Any arch description (dataclass, dict, DictConfig) as a typed, checked DictConfig."""
-    schema = OmegaConf.structured(ArchConfig)
-    given = OmegaConf.structured(arch) if isinstance(arch, ArchConfig) else arch
+    schema_cls = arch_schema()
+    schema = OmegaConf.structured(schema_cls)
+    given = OmegaConf.structured(arch) if isinstance(arch, schema_cls) else arch
     cfg = OmegaConf.merge(schema, given)
     validate_arch(cfg)
     return cfg  # type: ignore[return-value]
 
 
 def layer_plan(arch: Any, n_layers: int | None = None) -> list[tuple[str, str]]:
-    """The resolved (mixer, mlp slot) of every layer, from the periodic pattern."""
+    """The resolved (mixer, mlp kind) of every layer, from the periodic pattern."""
     n = n_layers if n_layers is not None else arch.n_layers
-    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS)
-    mlps = expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", MLP_SLOTS)
+    mixers, mlps = pattern_periods(arch)
     return [(mixers[i % len(mixers)], mlps[i % len(mlps)]) for i in range(n)]
+
+
+def learned_position_rows(arch: Any, mixers: set[str]) -> tuple[int, str]:
+    """(rows, setting) of the learned absolute position table the pattern's mixers ask the shell
+    for; (0, "") when none does. The largest request wins; `setting` names the key fixing it."""
+    rows, key = 0, ""
+    for name in sorted(mixers):
+        comp = registry.get("mixer", name)
+        wanted = comp.learned_positions(arch) if comp.learned_positions is not None else 0
+        if wanted > rows:
+            rows, key = wanted, comp.position_key
+    return rows, key
 
 
 def make_norm(arch: Any, dim: int) -> nn.Module:
@@ -42,39 +55,10 @@ def make_norm(arch: Any, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=arch.norm_eps)
 
 
-def build_mixer(kind: str, arch: Any, layer_idx: int) -> Sublayer:
-    """Import lazily so a backbone's optional dependencies load only when it is used."""
-    if kind == "attention":
-        from archbench.archs.attention import Attention
-
-        return Attention(arch, layer_idx)
-    if kind == "mamba":
-        from archbench.archs.mamba import Mamba
-
-        return Mamba(arch, layer_idx)
-    if kind == "mamba2":
-        from archbench.archs.mamba import Mamba2
-
-        return Mamba2(arch, layer_idx)
-    if kind == "rwkv7":
-        from archbench.archs.rwkv import RWKV7TimeMix
-
-        return RWKV7TimeMix(arch, layer_idx)
-    raise ValueError(f"arch.pattern.mixers: unknown mixer {kind!r}; choose one of {MIXER_KINDS}")
-
-
-def build_mlp(slot: str, arch: Any, layer_idx: int) -> Sublayer | None:
-    if slot == "none":
+def build_mlp(kind: str, arch: Any, layer_idx: int) -> Sublayer | None:
+    if kind == registry.NO_MLP:
         return None
-    from archbench.archs import mlp
-
-    if slot == "moe":
-        return mlp.MoE(arch, layer_idx)
-    if arch.mlp.kind == "rwkv_cmix":
-        from archbench.archs.rwkv import RWKV7ChannelMix
-
-        return RWKV7ChannelMix(arch, layer_idx)
-    return mlp.DenseMLP(arch, layer_idx)
+    return registry.get("mlp", kind).build(arch, layer_idx)
 
 
 class Block(nn.Module):
@@ -84,7 +68,7 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_kind, self.mlp_slot = mixer_kind, mlp_slot
         self.mixer_norm = make_norm(arch, arch.d_model)
-        self.mixer = build_mixer(mixer_kind, arch, layer_idx)
+        self.mixer = registry.get("mixer", mixer_kind).build(arch, layer_idx)
         self.mlp = build_mlp(mlp_slot, arch, layer_idx)
         self.mlp_norm = make_norm(arch, arch.d_model) if self.mlp is not None else None
 
@@ -119,17 +103,14 @@ class LanguageModel(nn.Module):
         super().__init__()
         arch = arch_config(arch)
         if arch.d_model <= 0 or arch.n_layers <= 0:
-            raise ValueError("arch.d_model and arch.n_layers must be set (solve a size first)")
+            raise ConfigError("arch.d_model and arch.n_layers must be set (solve a size first)")
         self.arch = arch
         self.vocab_size = vocab_size
         self.plan = layer_plan(arch)
         d = arch.d_model
         self.embed = nn.Embedding(vocab_size, d)
-        has_attention = any(m == "attention" for m, _ in self.plan)
-        self.learned_positions = has_attention and arch.attention.position == "learned"
-        self.pos_embed = (
-            nn.Embedding(arch.attention.max_position, d) if self.learned_positions else None
-        )
+        rows, self.position_key = learned_position_rows(arch, {m for m, _ in self.plan})
+        self.pos_embed = nn.Embedding(rows, d) if rows else None
         self.embed_norm = make_norm(arch, d) if arch.embed_norm else None
         self.blocks = nn.ModuleList(
             Block(arch, i, mixer, mlp_slot) for i, (mixer, mlp_slot) in enumerate(self.plan)
@@ -140,23 +121,16 @@ class LanguageModel(nn.Module):
         self._init_shell()
 
     def _init_shell(self) -> None:
-        """GPT-style normal init by default; RWKV-LM's own (a tiny uniform embedding, which its
-        ln0 rescales, and an orthogonal head) when arch.embed_init=rwkv (fairness rule 4)."""
-        std = self.arch.init_std
-        if self.arch.embed_init == "rwkv":
-            nn.init.uniform_(self.embed.weight, -1e-4, 1e-4)
-        else:
-            nn.init.normal_(self.embed.weight, std=std)
+        """The token embedding and untied head by the registered scheme `arch.embed_init` (each
+        family's published initialisation, fairness rule 4); learned positions GPT-style."""
+        scheme = registry.embed_inits()[self.arch.embed_init]
+        scheme.embed(self.embed.weight, self.arch)
         if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, std=std)
+            nn.init.normal_(self.pos_embed.weight, std=self.arch.init_std)
         if self.arch.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        elif self.arch.embed_init == "rwkv":
-            vocab, d = self.lm_head.weight.shape
-            gain = 0.5 * math.sqrt(vocab / d) if vocab > d else 0.5
-            nn.init.orthogonal_(self.lm_head.weight, gain=gain)
         else:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            scheme.head(self.lm_head.weight, self.arch)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -178,8 +152,8 @@ class LanguageModel(nn.Module):
             limit = self.pos_embed.num_embeddings
             if start + length > limit:
                 raise ValueError(
-                    f"context {start + length} exceeds arch.attention.max_position={limit} of "
-                    "learned positions; use position=rope or a longer max_position"
+                    f"context {start + length} exceeds {self.position_key}={limit} of "
+                    "learned positions; use another position scheme or a longer table"
                 )
             x = x + self.pos_embed(torch.arange(start, start + length, device=tokens.device))
         if self.embed_norm is not None:
@@ -274,6 +248,14 @@ class LanguageModel(nn.Module):
             if isinstance(module, Sublayer):
                 names.update(f"{mod_name}.{n}" for n in module.no_weight_decay())
         return names
+
+
+def _normal_init(weight: torch.Tensor, arch: Any) -> None:
+    nn.init.normal_(weight, std=arch.init_std)
+
+
+# GPT-style: token embedding and untied head ~ N(0, init_std).
+registry.register_embed_init("normal", embed=_normal_init, head=_normal_init)
 
 
 def residual_std(arch: Any) -> float:

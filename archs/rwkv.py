@@ -47,14 +47,63 @@ from torch import nn
 from archbench.archs.base import LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
 from archbench.archs.mlp import hidden_size
-from archbench.config import MIXER_KINDS, expand_period
+from archbench.archs.registry import register_embed_init, register_mixer, register_mlp
+from archbench.config import ConfigError, pattern_periods, require_positive
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with head_size_divisor = 8
-_CHOICES = {"auto": "auto", "torch": "torch:chunked", "triton": "triton:fla", "cuda": "cuda"}
-NO_CUDA_KERNEL = (
-    "archbench has no CUDA-C RWKV-7 kernel; use kernels=triton (flash-linear-attention) or "
-    "kernels=torch"
-)
+_CHOICES = {"auto": "auto", "torch": "torch:chunked", "triton": "triton:fla"}
+
+
+@dataclass
+class RWKV7Config:
+    head_size: int = 64
+    decay_lora: int | None = None  # None: sized from d_model as in RWKV-LM
+    iclr_lora: int | None = None
+    value_lora: int | None = None
+    gate_lora: int | None = None
+    chunk_size: int = 16
+    kernels: str = "auto"  # auto | torch (chunked PyTorch) | triton (flash-linear-attention, CUDA)
+
+
+@dataclass
+class RWKV7ChannelMixConfig:
+    hidden_mult: float = 4.0  # RWKV-LM: a 4x hidden layer
+    multiple_of: int = 32
+
+
+def check_rwkv7(arch: Any) -> None:
+    cfg = arch.rwkv7
+    require_positive("arch.rwkv7.head_size", cfg.head_size)
+    for key in ("decay_lora", "iclr_lora", "value_lora", "gate_lora"):
+        require_positive(f"arch.rwkv7.{key}", cfg[key])
+    if not 1 <= cfg.chunk_size <= MAX_CHUNK:
+        raise ConfigError(
+            f"arch.rwkv7.chunk_size={cfg.chunk_size} must be in [1, {MAX_CHUNK}] (decay "
+            "factors inside a chunk grow as exp(0.6065 * chunk_size))"
+        )
+    if arch.d_model and arch.d_model % cfg.head_size:
+        raise ConfigError(
+            f"arch.d_model={arch.d_model} is not divisible by arch.rwkv7.head_size={cfg.head_size}"
+        )
+
+
+def check_channel_mix(arch: Any) -> None:
+    require_positive("arch.rwkv_cmix.hidden_mult", arch.rwkv_cmix.hidden_mult)
+    require_positive("arch.rwkv_cmix.multiple_of", arch.rwkv_cmix.multiple_of)
+
+
+def _embed_init(weight: torch.Tensor, arch: Any) -> None:
+    """RWKV-LM: a tiny uniform embedding, which its ln0 (arch.embed_norm) rescales."""
+    nn.init.uniform_(weight, -1e-4, 1e-4)
+
+
+def _head_init(weight: torch.Tensor, arch: Any) -> None:
+    """RWKV-LM's orthogonal head, gain 0.5 * sqrt(vocab / d) when the vocabulary is wider."""
+    vocab, d = weight.shape
+    nn.init.orthogonal_(weight, gain=0.5 * math.sqrt(vocab / d) if vocab > d else 0.5)
+
+
+register_embed_init("rwkv", embed=_embed_init, head=_head_init)
 
 
 def lora_rank(d_model: int, factor: float, power: float = 0.5) -> int:
@@ -100,10 +149,12 @@ class TokenShiftState(LayerState):
 def _first_rwkv_layer(arch: Any) -> int:
     """Index of the model's first RWKV-7 layer, from the pattern's period alone (a layer may be
     built for counting with an arch whose n_layers is shorter than the period)."""
-    mixers = expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS)
+    mixers, _ = pattern_periods(arch)
     return mixers.index("rwkv7")
 
 
+@register_mixer("rwkv7", config=RWKV7Config, kernels=tuple(_CHOICES), validate=check_rwkv7,
+                width_divisor=lambda arch: int(arch.rwkv7.head_size))
 class RWKV7TimeMix(Sublayer):
     """RWKV-7 time mix (see the module docstring for the equations and the initialisation)."""
 
@@ -111,23 +162,13 @@ class RWKV7TimeMix(Sublayer):
         super().__init__()
         cfg = arch.rwkv7
         d = arch.d_model
-        if d % cfg.head_size:
-            raise ValueError(
-                f"arch.d_model={d} is not divisible by arch.rwkv7.head_size={cfg.head_size}"
-            )
-        if not 1 <= cfg.chunk_size <= MAX_CHUNK:
-            raise ValueError(
-                f"arch.rwkv7.chunk_size={cfg.chunk_size} must be in [1, {MAX_CHUNK}] (decay "
-                "factors inside a chunk grow as exp(0.6065 * chunk_size))"
-            )
         self.layer_idx = layer_idx
         self.head_size = cfg.head_size
         self.n_heads = d // cfg.head_size
         self.chunk_size = cfg.chunk_size
         self.kernels = cfg.kernels
         # Fixed for the device by resolve_kernels; until then an explicit choice stands as asked.
-        explicit = {"triton": "triton:fla", "cuda": "cuda"}
-        self.kernel_path = explicit.get(cfg.kernels, "torch:chunked")
+        self.kernel_path = "triton:fla" if cfg.kernels == "triton" else "torch:chunked"
         self.stores_v_first = layer_idx == _first_rwkv_layer(arch)
         ranks = {
             "w": cfg.decay_lora or lora_rank(d, 1.8),
@@ -177,11 +218,7 @@ class RWKV7TimeMix(Sublayer):
 
     # ---- interface ------------------------------------------------------------------------------
     def resolve_kernels(self, device: torch.device) -> str:
-        available = {
-            "triton:fla": fla_unavailable(device),
-            "cuda": NO_CUDA_KERNEL,
-            "torch:chunked": None,
-        }
+        available = {"triton:fla": fla_unavailable(device), "torch:chunked": None}
         return require_kernels(_CHOICES[self.kernels], available, "arch.rwkv7.kernels")
 
     def init_state(
@@ -214,8 +251,6 @@ class RWKV7TimeMix(Sublayer):
     ) -> torch.Tensor:
         if state is not None and not isinstance(state, RWKV7TimeMixState):
             raise TypeError(f"RWKV7TimeMix needs an RWKV7TimeMixState, got {type(state).__name__}")
-        if self.kernel_path == "cuda":
-            raise RuntimeError(f"arch.rwkv7.kernels='cuda' cannot run: {NO_CUDA_KERNEL}")
         ctx = {} if ctx is None else ctx
         batch, length, d = x.shape
         heads, n = self.n_heads, self.head_size
@@ -262,6 +297,7 @@ class RWKV7TimeMix(Sublayer):
         return self.output(y * g)
 
 
+@register_mlp("rwkv_cmix", config=RWKV7ChannelMixConfig, validate=check_channel_mix)
 class RWKV7ChannelMix(Sublayer):
     """RWKV-7 channel mix: token shift, key to the hidden width, relu(.)^2, value back to d."""
 
@@ -270,7 +306,8 @@ class RWKV7ChannelMix(Sublayer):
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()
         d = arch.d_model
-        hidden = hidden_size(d, arch.mlp.hidden_mult, arch.mlp.multiple_of)
+        cfg = arch.rwkv_cmix
+        hidden = hidden_size(d, cfg.hidden_mult, cfg.multiple_of)
         _, r1 = _layer_ratios(layer_idx, arch.n_layers)
         self.x_k = nn.Parameter(1.0 - _channel_ramp(d).pow(r1**4))
         self.key = nn.Linear(d, hidden, bias=False)

@@ -19,8 +19,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from archbench.archs.model import Block, LanguageModel, arch_config, layer_plan
-from archbench.config import MIXER_KINDS, MLP_SLOTS, ConfigError, expand_period
+from archbench.archs import registry
+from archbench.archs.model import (
+    Block,
+    LanguageModel,
+    arch_config,
+    layer_plan,
+    learned_position_rows,
+)
+from archbench.config import ConfigError, pattern_periods
 
 MAX_LAYERS = 96
 MAX_WIDTH = 16384
@@ -134,15 +141,12 @@ class _Measurer:
         if self.metric == "flops":
             return 2.0 * (non_embedding - inactive + d_model * self.vocab_size) + flops
         embedding = self.vocab_size * d_model * (1 if cfg.tie_embeddings else 2)
-        has_attention = any(m == "attention" for m, _ in self.period)
-        if cfg.attention.position == "learned" and has_attention:
-            embedding += cfg.attention.max_position * d_model
-        return float(non_embedding + embedding)
+        rows, _ = learned_position_rows(cfg, {m for m, _ in self.period})
+        return float(non_embedding + embedding + rows * d_model)
 
 
 def _depth_unit(arch: Any) -> int:
-    mixers = len(expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS))
-    mlps = len(expand_period(list(arch.pattern.mlps), "arch.pattern.mlps", MLP_SLOTS))
+    mixers, mlps = (len(period) for period in pattern_periods(arch))
     return mixers * mlps // math.gcd(mixers, mlps)
 
 
@@ -185,17 +189,15 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
 
 
 def _width_divisor(arch: Any) -> int:
-    """The smallest width step every mixer of the pattern accepts (whole heads)."""
-    mixers = set(expand_period(list(arch.pattern.mixers), "arch.pattern.mixers", MIXER_KINDS))
+    """The smallest width step every component of the pattern accepts (whole heads), as each
+    declares it in the registry."""
+    mixers, mlps = pattern_periods(arch)
     divisor = 1
-    if "attention" in mixers and arch.attention.n_heads is None:
-        divisor = math.lcm(divisor, int(arch.attention.head_dim))
-    if "rwkv7" in mixers:
-        divisor = math.lcm(divisor, int(arch.rwkv7.head_size))
-    if "mamba2" in mixers:
-        per_head = int(arch.mamba2.head_dim) // math.gcd(int(arch.mamba2.head_dim),
-                                                         int(arch.mamba2.expand))
-        divisor = math.lcm(divisor, per_head)
+    for role, names in (("mixer", mixers), ("mlp", mlps)):
+        for name in set(names) - {registry.NO_MLP}:
+            comp = registry.get(role, name)
+            if comp.width_divisor is not None:
+                divisor = math.lcm(divisor, int(comp.width_divisor(arch)))
     return divisor
 
 

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 import archbench.conf
 from archbench.archs.model import LanguageModel
-from archbench.config import MIXER_KINDS, MLP_SLOTS, RootConfig, expand_period
+from archbench.archs.registry import mixer_names, mlp_names
+from archbench.config import RootConfig, expand_period
 from archbench.evaluate.generate import (
     Sampling,
     SamplingError,
@@ -32,8 +33,8 @@ PROMPTS = ["ab", "hello", "the fox jumps"]
 
 def tiny(name: str, vocab: int = 258) -> LanguageModel:
     arch = OmegaConf.load(CONF / "arch" / f"{name}.yaml")
-    period = lcm(len(expand_period(list(arch.pattern.mixers), "m", MIXER_KINDS)),
-                 len(expand_period(list(arch.pattern.mlps), "m", MLP_SLOTS)))
+    period = lcm(len(expand_period(list(arch.pattern.mixers), "m", mixer_names())),
+                 len(expand_period(list(arch.pattern.mlps), "m", mlp_names())))
     small = {"d_model": 32, "n_layers": max(2, period), "init_std": 0.3,
              "attention": {"head_dim": 16}, "rwkv7": {"head_size": 16},
              "mamba": {"chunk_size": 8}, "mamba2": {"head_dim": 16, "d_state": 16,

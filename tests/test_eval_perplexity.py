@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 import archbench.conf
 from archbench.archs.model import LanguageModel
-from archbench.config import MIXER_KINDS, MLP_SLOTS, expand_period
+from archbench.archs.registry import mixer_names, mlp_names
+from archbench.config import expand_period
 from archbench.evaluate.perplexity import (
     document_logprobs,
     extrapolation_metrics,
@@ -36,8 +37,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog; naïve café façade. " * 
 def tiny(name: str, vocab: int, **changes: object) -> LanguageModel:
     """The arch yaml at test size (one full period of its layer pattern)."""
     arch = OmegaConf.load(CONF / "arch" / f"{name}.yaml")
-    period = lcm(len(expand_period(list(arch.pattern.mixers), "m", MIXER_KINDS)),
-                 len(expand_period(list(arch.pattern.mlps), "m", MLP_SLOTS)))
+    period = lcm(len(expand_period(list(arch.pattern.mixers), "m", mixer_names())),
+                 len(expand_period(list(arch.pattern.mlps), "m", mlp_names())))
     small = {"d_model": 32, "n_layers": max(2, period), "init_std": 0.1,
              "attention": {"head_dim": 16}, "rwkv7": {"head_size": 16},
              "mamba": {"chunk_size": 8}, "mamba2": {"head_dim": 16, "d_state": 16,

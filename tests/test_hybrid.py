@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 
 import archbench.conf
 from archbench.archs.model import LanguageModel, arch_config, layer_plan
+from archbench.archs.registry import mixer_names
 from archbench.archs.sizing import solve_size
-from archbench.config import MIXER_KINDS, ConfigError, MambaConfig, expand_period
+from archbench.config import ConfigError, expand_period
 
 CONF = Path(archbench.conf.__file__).parent
 HAS_RWKV = importlib.util.find_spec("archbench.archs.rwkv") is not None
@@ -31,8 +32,8 @@ def jamba(**overrides: object) -> object:
 
 # ---- pattern parsing -----------------------------------------------------------------------------
 def test_period_items_expand_and_the_string_form_is_the_same() -> None:
-    as_list = expand_period(["mamba*4", "attention", "mamba*3"], "k", MIXER_KINDS)
-    as_string = expand_period("mamba*4, attention,mamba*3", "k", MIXER_KINDS)
+    as_list = expand_period(["mamba*4", "attention", "mamba*3"], "k", mixer_names())
+    as_string = expand_period("mamba*4, attention,mamba*3", "k", mixer_names())
     assert as_list == as_string == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
 
 
@@ -99,9 +100,7 @@ def test_jamba_preset_layout() -> None:
     assert {m for m, _ in plan} == {"mamba", "attention"}
     assert (arch.moe.n_experts, arch.moe.top_k) == (16, 2)
     assert arch.attention.position == "none" and arch.norm == "rmsnorm"
-    mamba_file = CONF / "arch" / "mamba.yaml"
-    reference = (OmegaConf.load(mamba_file).mamba if mamba_file.exists()
-                 else OmegaConf.structured(MambaConfig))
+    reference = make_config("arch=mamba").arch.mamba
     for key, value in reference.items():
         assert arch.mamba[key] == value, f"jamba's mamba.{key} differs from the Mamba preset"
     with pytest.raises(ConfigError, match="arch.pattern.mixers has period 8"):

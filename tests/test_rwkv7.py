@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, wkv7_chunked, wkv7_recurrent
 from archbench.archs.model import LanguageModel, resolve_kernels
 from archbench.archs.rwkv import RWKV7ChannelMix, RWKV7TimeMix, lora_rank
+from archbench.config import ConfigError, arch_schema
 
 VOCAB = 23
 
@@ -50,12 +51,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def rwkv_arch(d_model: int = 64, n_layers: int = 2, **rwkv7: Any) -> Any:
-    arch = OmegaConf.load("conf/arch/rwkv7.yaml")
-    arch.d_model, arch.n_layers = d_model, n_layers
-    arch.rwkv7.head_size = 32
-    for key, value in rwkv7.items():
-        arch.rwkv7[key] = value
-    return arch
+    schema = OmegaConf.structured(arch_schema())  # every default, as Hydra composes it
+    return OmegaConf.merge(schema, OmegaConf.load("conf/arch/rwkv7.yaml"), {
+        "d_model": d_model, "n_layers": n_layers, "rwkv7": {"head_size": 32, **rwkv7}})
 
 
 def perturbed_model(seed: int = 0, **kwargs: Any) -> LanguageModel:
@@ -233,8 +231,8 @@ def test_kernel_choices_on_cpu() -> None:
         resolve_kernels(triton, "cpu")
     with pytest.raises(RuntimeError, match="kernels=triton cannot run"):
         triton(torch.randint(0, VOCAB, (1, 5)))  # never a silent fallback to torch
-    with pytest.raises(RuntimeError, match="no CUDA-C RWKV-7 kernel"):
-        resolve_kernels(perturbed_model(kernels="cuda"), "cpu")
+    with pytest.raises(ConfigError, match=r"arch.rwkv7.kernels='cuda' is not allowed.*triton"):
+        perturbed_model(kernels="cuda")  # no CUDA-C kernel: refused at validation
 
 
 # ---- learning -----------------------------------------------------------------------------------

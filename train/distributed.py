@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from archbench.config import require_choice
+
 KINDS = ("none", "ddp", "fsdp")
 
 
@@ -53,8 +55,7 @@ def _export_submitit_env() -> None:
 
 def setup(kind: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE)."""
-    if kind not in KINDS:
-        raise ValueError(f"train.distributed={kind!r} is not one of {list(KINDS)}")
+    require_choice("train.distributed", kind, KINDS)
     if kind == "none":
         world = int(os.environ.get("WORLD_SIZE", 1))
         if world > 1:
@@ -90,11 +91,11 @@ def wrap(model: torch.nn.Module, ctx: DistContext, kind: str) -> torch.nn.Module
 
         # Experts that no token of this rank's batch picked get no gradient: DDP must look for
         # them or it waits forever for their all-reduce.
-        has_moe = any(slot == "moe" for _, slot in getattr(model, "plan", []))
+        sparse = any(getattr(m, "leaves_params_unused", False) for m in model.modules())
         device_ids = [ctx.device.index] if ctx.device is not None and ctx.device.type == "cuda" \
             else None
         return DistributedDataParallel(model, device_ids=device_ids,
-                                       find_unused_parameters=has_moe)
+                                       find_unused_parameters=sparse)
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -103,7 +104,8 @@ def wrap(model: torch.nn.Module, ctx: DistContext, kind: str) -> torch.nn.Module
             fully_shard(block)
         fully_shard(model)  # embeddings, final norm and (tied) head
         return model
-    raise ValueError(f"train.distributed={kind!r} is not one of {list(KINDS)}")
+    require_choice("train.distributed", kind, KINDS)
+    raise AssertionError(f"train.distributed={kind!r} is in KINDS but has no wrapper")
 
 
 @contextmanager
