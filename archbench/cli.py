@@ -126,7 +126,7 @@ def info_app(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @_checked
 def generate_app(cfg: DictConfig) -> None:
-    from archbench.evaluate.generate import run_generate
+    from archbench.evaluate.generation.generate import run_generate
 
     run_generate(cfg)
 
@@ -134,7 +134,7 @@ def generate_app(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @_checked
 def eval_app(cfg: DictConfig) -> None:
-    from archbench.evaluate.runner import run_eval
+    from archbench.evaluate.quality.runner import run_eval
 
     run_eval(cfg)
 
@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "report":
-        from archbench.evaluate.report import main as report_main
+        from archbench.evaluate.reporting.build import main as report_main
 
         report_main(rest)
         return
     if command == "compare":
-        from archbench.evaluate.compare import main as compare_main
+        from archbench.compare import main as compare_main
 
         compare_main(rest)
         return

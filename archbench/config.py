@@ -143,7 +143,7 @@ class EvalConfig:
     extrapolation: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
-    # evaluate/runner.py: where the text comes from, where records go, synthetic-task settings.
+    # evaluate/quality/runner.py: where the text comes from, where records go, task settings.
     device: str = "auto"
     use_ckpt_data: bool = True  # bpb on the checkpoint's own corpus (else on `data` of this cfg)
     file: str | None = None  # score this text file (all of it) instead of a validation split
@@ -216,7 +216,7 @@ class CompareEvalConfig:
 @dataclass
 class CompareStudyConfig:
     """One training sweep of every backbone (its overrides on top of the experiment's), then
-    the evaluations of each run (evaluate/compare.py)."""
+    the evaluations of each run (archbench/compare.py)."""
 
     train: list[str] = field(default_factory=list)
     evals: list[CompareEvalConfig] = field(default_factory=list)

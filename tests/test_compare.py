@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from archbench.evaluate.compare import TRAIN_SECTIONS, Comparison, differences, main
+from archbench.compare import TRAIN_SECTIONS, Comparison, differences, main
 
 SMALL = ["compare.backbones=[transformer,mamba]", "~compare.studies.mqar",
          "compare.studies.lm.evals=[{tasks:[bpb,extrapolation],overrides:[]}]",

@@ -16,7 +16,7 @@ import archbench.conf
 from archbench.archs.model import LanguageModel
 from archbench.archs.registry import mixer_names, mlp_names
 from archbench.config import RootConfig, expand_period
-from archbench.evaluate.generate import (
+from archbench.evaluate.generation.generate import (
     Sampling,
     SamplingError,
     filter_logits,

@@ -13,8 +13,8 @@ import torch
 from lm_eval.api.instance import Instance
 
 from archbench.archs.model import LanguageModel
-from archbench.evaluate.generate import Sampling, generate
-from archbench.evaluate.lm_eval_adapter import (
+from archbench.evaluate.generation.generate import Sampling, generate
+from archbench.evaluate.quality.lm_eval_adapter import (
     TASKS_DIR,
     ArchbenchLM,
     encode_pair,
@@ -22,7 +22,7 @@ from archbench.evaluate.lm_eval_adapter import (
     run_lm_eval,
     write_local_tasks,
 )
-from archbench.evaluate.perplexity import score_continuations, text_bpb
+from archbench.evaluate.quality.perplexity import score_continuations, text_bpb
 from archbench.train.tokenizer import ByteTokenizer
 
 

@@ -1,6 +1,7 @@
 """The lm-eval command line against an archbench checkpoint, fully offline on CPU:
-`python -m archbench.evaluate.lm_eval_adapter run --model archbench ...` registers the model,
-includes the local tasks, and gives the numbers archbench's own scoring gives on those docs."""
+`python -m archbench.evaluate.quality.lm_eval_adapter run --model archbench ...` registers the
+model, includes the local tasks, and gives the numbers archbench's own scoring gives on those
+docs."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from archbench.archs.model import LanguageModel
-from archbench.evaluate.lm_eval_adapter import TASKS_DIR
-from archbench.evaluate.perplexity import score_continuations
+from archbench.evaluate.quality.lm_eval_adapter import TASKS_DIR
+from archbench.evaluate.quality.perplexity import score_continuations
 from archbench.train.checkpoint import load_model, save_checkpoint
 from archbench.train.tokenizer import ByteTokenizer
 
@@ -32,7 +33,7 @@ def test_the_lm_eval_cli_runs_a_local_task_on_a_checkpoint(tmp_path: Path) -> No
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "archbench.evaluate.lm_eval_adapter", "run",
+    cmd = [sys.executable, "-m", "archbench.evaluate.quality.lm_eval_adapter", "run",
            "--model", "archbench", "--model_args", f"ckpt={tmp_path / 'run'},device=cpu",
            "--tasks", "archbench_kv_recall", "--limit", "5", "--batch_size", "4",
            "--output_path", str(out)]

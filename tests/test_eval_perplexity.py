@@ -16,16 +16,16 @@ import archbench.conf
 from archbench.archs.model import LanguageModel
 from archbench.archs.registry import mixer_names, mlp_names
 from archbench.config import expand_period
-from archbench.evaluate.perplexity import (
+from archbench.evaluate.quality.perplexity import (
     document_logprobs,
     extrapolation_metrics,
     rolling_windows,
     score_continuations,
     split_metrics,
 )
-from archbench.evaluate.tasks import IGNORE, make_task
-from archbench.evaluate.tasks.base import TaskSplit
 from archbench.train.data import TokenSplit
+from archbench.train.tasks import IGNORE, make_task
+from archbench.train.tasks.base import TaskSplit
 from archbench.train.tokenizer import ByteTokenizer, train_bpe
 
 CONF = Path(archbench.conf.__file__).parent

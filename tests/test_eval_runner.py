@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 
 from archbench.archs.model import LanguageModel
 from archbench.config import RootConfig, register_schema, validate
-from archbench.evaluate.perplexity import file_split, split_metrics
+from archbench.evaluate.quality.perplexity import file_split, split_metrics
+from archbench.evaluate.quality.runner import expand_checkpoints, run_eval
 from archbench.evaluate.records import EvalContext, best_per_group, make_record
-from archbench.evaluate.runner import expand_checkpoints, run_eval
-from archbench.evaluate.tasks import make_task, score_examples, task_token_data
-from archbench.evaluate.tasks.mad import mad_settings
 from archbench.io import read_jsonl
 from archbench.train.checkpoint import save_checkpoint
+from archbench.train.tasks import make_task, score_examples, task_token_data
+from archbench.train.tasks.mad import mad_settings
 from archbench.train.tokenizer import ByteTokenizer
 
 FIELDS = {"kind", "eval", "metric", "value", "status", "params", "ckpt", "run", "arch",
@@ -150,7 +150,7 @@ def test_experiment_configs_compose_and_make_task_data(experiment: str) -> None:
 
 
 def _resolved(setting: str) -> tuple[str, dict]:
-    from archbench.evaluate.tasks.mad import resolve_setting
+    from archbench.train.tasks.mad import resolve_setting
 
     task, params, _ = resolve_setting(setting)
     return task, params
@@ -167,7 +167,7 @@ def test_token_bytes_cover_task_vocabularies_beyond_the_tokenizer(tmp_path: Path
 
 
 def test_a_mad_checkpoint_gives_records_the_mad_score_reads(tmp_path: Path) -> None:
-    from archbench.evaluate.tasks.mad import mad_scores
+    from archbench.train.tasks.mad import mad_scores
 
     config = {"train": {"seq_len": 32, "lr": 1e-3},
               "data": {"source": "task", "task": {"name": "mad", "n_train": 5, "n_val": 5,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from archbench.evaluate.tasks import (
+from archbench.train.data import DataError
+from archbench.train.tasks import (
     IGNORE,
     TASKS,
     make_task,
@@ -21,9 +22,8 @@ from archbench.evaluate.tasks import (
     task_targets,
     task_token_data,
 )
-from archbench.evaluate.tasks.mad import MAD_SUITE, mad_scores, mad_settings, resolve_setting
-from archbench.evaluate.tasks.mqar import MQAR
-from archbench.train.data import DataError
+from archbench.train.tasks.mad import MAD_SUITE, mad_scores, mad_settings, resolve_setting
+from archbench.train.tasks.mqar import MQAR
 from archbench.train.tokenizer import ByteTokenizer
 
 TEXT = ("Tokens are counted in bytes here. " * 40 + "def f(x):\n    return x * 2\n" * 60)

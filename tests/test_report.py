@@ -17,9 +17,9 @@ import torch
 from conftest import make_config
 
 from archbench.evaluate.bench.runner import run_bench
-from archbench.evaluate.report import build_report, main
-from archbench.evaluate.report_data import Collection, Labels, Run, human, load
-from archbench.evaluate.runner import run_eval
+from archbench.evaluate.quality.runner import run_eval
+from archbench.evaluate.reporting.build import build_report, main
+from archbench.evaluate.reporting.data import Collection, Labels, Run, human, load
 from archbench.io import read_jsonl
 from archbench.train.trainer import run_training
 

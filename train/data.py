@@ -362,9 +362,9 @@ class WindowOrder:
 
 
 def load_data(data_cfg: Any, tokenizer: Tokenizer, corpus: Corpus | None = None) -> TokenData:
-    """Token data of `data_cfg` for `tokenizer` (synthetic tasks come from evaluate.tasks)."""
+    """Token data of `data_cfg` for `tokenizer` (synthetic tasks come from train.tasks)."""
     if data_cfg.source == "task":
-        from archbench.evaluate.tasks import task_token_data
+        from archbench.train.tasks import task_token_data
 
         return task_token_data(data_cfg.task, tokenizer)
     corpus = corpus or build_corpus(data_cfg)

@@ -25,12 +25,12 @@ from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
 from archbench.device import pick_device
-from archbench.evaluate.perplexity import split_metrics
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.provenance import provenance
 from archbench.train import distributed as dist_utils
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
 from archbench.train.loggers import make_logger
+from archbench.train.metrics import split_metrics
 from archbench.train.optim import build_optimizer, lr_at
 from archbench.train.tokenizer import Tokenizer, build_tokenizer
 
@@ -213,7 +213,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                 group["lr"] = lr
             windows = data.train.windows(order.batch(step, rank, world), seq_len)
             if data.meta.get("targets_masked"):
-                from archbench.evaluate.tasks import task_targets
+                from archbench.train.tasks import task_targets
 
                 inputs, targets = task_targets(data, windows)
             else:

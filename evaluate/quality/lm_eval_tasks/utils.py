@@ -1,6 +1,6 @@
 """Loaders for the local lm-eval tasks: data files next to this file, no network, no cache.
 
-The data files are written by `python -m archbench.evaluate.lm_eval_adapter write-tasks`.
+The data files are written by `archbench-lm-eval write-tasks`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def load_docs(file: str, **_: Any) -> dict[str, Any]:
     path = HERE / file
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write it with "
-                                "`python -m archbench.evaluate.lm_eval_adapter write-tasks`")
+                                "`archbench-lm-eval write-tasks`")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip()]
     return {"test": datasets.Dataset.from_list(rows)}

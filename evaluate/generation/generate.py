@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from archbench.config import ConfigError
-from archbench.evaluate.tasks.base import position_limit
+from archbench.train.tasks.base import position_limit
 
 
 class SamplingError(ConfigError):

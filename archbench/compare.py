@@ -3,9 +3,9 @@
 Every backbone of `compare.backbones` that exists and builds is trained at one matched size on
 the same tokens (one Hydra multirun per study: `archbench train ... -m`), each run is evaluated
 (`archbench eval`), each backbone is benchmarked (`archbench bench ... -m`), and one report is
-built (evaluate/report.py). Settings live in conf/experiment/compare.yaml (compare_gpu.yaml for
-`+preset=gpu`); any other override is passed to every stage, `compare.*` ones configure this
-driver.
+built (evaluate/reporting/build.py). Settings live in conf/experiment/compare.yaml
+(compare_gpu.yaml for `+preset=gpu`); any other override is passed to every stage, `compare.*`
+ones configure this driver.
 
 Why subprocesses: each stage is its own process, so one failure (an out-of-memory, a backbone that
 breaks) is recorded in `<sweep>/stages.jsonl`, shown in the report, and the rest go on. The sweep
@@ -451,7 +451,7 @@ class Comparison:
         return self.report(time.time() - began)
 
     def report(self, seconds: float) -> Path:
-        from archbench.evaluate.report import build_report
+        from archbench.evaluate.reporting.build import build_report
 
         t = self.cfg.train
         preamble = [

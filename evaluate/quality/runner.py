@@ -32,9 +32,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from archbench.device import pick_device
-from archbench.evaluate.perplexity import extrapolation_metrics, file_split, split_metrics
+from archbench.evaluate.quality.perplexity import extrapolation_metrics, file_split
 from archbench.evaluate.records import EvalContext, make_record, write_records
-from archbench.evaluate.tasks import (
+from archbench.train.checkpoint import find_checkpoint, load_model
+from archbench.train.metrics import split_metrics
+from archbench.train.tasks import (
     TASKS,
     make_task,
     position_limit,
@@ -42,7 +44,6 @@ from archbench.evaluate.tasks import (
     score_examples,
     task_names,
 )
-from archbench.train.checkpoint import find_checkpoint, load_model
 
 TEXT_EVALS = ("bpb", "extrapolation")
 
@@ -263,7 +264,7 @@ class CheckpointEval:
 
     # ---- lm-eval --------------------------------------------------------------------------------
     def lm_eval(self, tasks: list[str]) -> None:
-        from archbench.evaluate.lm_eval_adapter import result_rows, run_lm_eval
+        from archbench.evaluate.quality.lm_eval_adapter import result_rows, run_lm_eval
 
         e = self.ecfg
         results = run_lm_eval(self.model, self.tokenizer, tasks, e.batch_size, e.limit,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from archbench.evaluate.tasks.base import IGNORE, Example, Task
+from archbench.train.tasks.base import IGNORE, Example, Task
 
 # Zoology's figure-2 cells; that experiment fills the non-query positions with zeros.
 ZOOLOGY_FIGURE2 = {

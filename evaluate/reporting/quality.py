@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from archbench.evaluate import plots
-from archbench.evaluate.report_data import (
+from archbench.evaluate.reporting import plots
+from archbench.evaluate.reporting.data import (
     Report,
     Run,
     human,

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from archbench.evaluate.tasks.base import IGNORE, Example, Task, parse_value
+from archbench.train.tasks.base import IGNORE, Example, Task, parse_value
 
 
 class InContextRecall(Task):

@@ -14,12 +14,13 @@ argmax given the true prefix) is exactly "greedy decoding returns the number".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from archbench.evaluate.tasks.base import IGNORE, Example, Task
+from archbench.train.tasks.base import IGNORE, Example, Task
 
 SINGLE_INTRO = "There is a pass key hidden in the text below. Find it and remember it.\n"
 SINGLE_NEEDLE = "\nThe pass key is {value}. Remember it. {value} is the pass key.\n"
@@ -29,6 +30,48 @@ MULTI_INTRO = ("Some special magic numbers are hidden in the text below. Remembe
 MULTI_NEEDLE = "\nThe special magic number for {key} is: {value}.\n"
 MULTI_QUESTION = ("\nWhat is the special magic number for {key}? "
                   "The special magic number for {key} is")
+
+Filler = TypeVar("Filler", str, np.ndarray)
+
+
+def draw_needles(rng: np.random.Generator, n_keys: int, digits: int
+                 ) -> tuple[list[str], list[str]]:
+    """(keys, values): `n_keys` distinct 8-letter keys and their `digits`-digit numbers. The
+    values are drawn first; the lm-eval task files and the token-level task depend on that order
+    for reproducible data."""
+    values = [str(int(rng.integers(10 ** (digits - 1), 10 ** digits))) for _ in range(n_keys)]
+    keys: list[str] = []
+    while len(keys) < n_keys:
+        word = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, size=8))
+        if word not in keys:
+            keys.append(word)
+    return keys, values
+
+
+def needle_texts(keys: list[str], values: list[str], target: int) -> tuple[str, list[str], str]:
+    """(intro, one needle per key, the question about key `target`): the single-key passkey
+    wording for one key, RULER's multi-key wording for several."""
+    if len(keys) == 1:
+        return SINGLE_INTRO, [SINGLE_NEEDLE.format(value=values[0])], SINGLE_QUESTION
+    needles = [MULTI_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+    return MULTI_INTRO, needles, MULTI_QUESTION.format(key=keys[target])
+
+
+def hide_needles(fill: Filler, needles: Sequence[Filler], depth: float,
+                 rng: np.random.Generator) -> list[Filler]:
+    """`fill` cut into pieces with the needles between them: the first needle at `depth` of the
+    filler (0 = start, 1 = end), the distractors at random depths. Works on text (lm-eval's
+    documents) and on token arrays (the task), so both place needles the same way."""
+    n_fill = len(fill)
+    cuts = [round(float(depth) * n_fill)]
+    cuts += [int(c) for c in rng.integers(0, n_fill + 1, size=len(needles) - 1)]
+    pieces: list[Filler] = []
+    prev = 0
+    for i in np.argsort(cuts, kind="stable"):
+        pieces += [fill[prev:cuts[i]], needles[i]]
+        prev = cuts[i]
+    pieces.append(fill[prev:])
+    return pieces
 
 
 @lru_cache(maxsize=4)
@@ -81,15 +124,9 @@ class Passkey(Task):
     def vocab_size(self) -> int:
         return int(self.tokenizer.vocab_size)
 
-    def _texts(self, keys: list[str], values: list[str], target: int) -> tuple[str, list[str], str]:
-        if int(self.params["n_keys"]) == 1:
-            return SINGLE_INTRO, [SINGLE_NEEDLE.format(value=values[0])], SINGLE_QUESTION
-        needles = [MULTI_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-        return MULTI_INTRO, needles, MULTI_QUESTION.format(key=keys[target])
-
     def _fixed_tokens(self, key: str, value: str) -> int:
         n = int(self.params["n_keys"])
-        intro, needles, question = self._texts([key] * n, [value] * n, 0)
+        intro, needles, question = needle_texts([key] * n, [value] * n, 0)
         enc = self.tokenizer.encode
         return (len(enc(intro)) + sum(len(enc(t)) for t in needles) + len(enc(question))
                 + len(enc(" " + value)) + 4)
@@ -98,14 +135,9 @@ class Passkey(Task):
         p = self.params
         n, digits, length = int(p["n_keys"]), int(p["digits"]), int(p["seq_len"])
         enc = self.tokenizer.encode
-        values = [str(int(rng.integers(10 ** (digits - 1), 10 ** digits))) for _ in range(n)]
-        keys: list[str] = []
-        while len(keys) < n:
-            word = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, size=8))
-            if word not in keys:
-                keys.append(word)
+        keys, values = draw_needles(rng, n, digits)
         target = 0
-        intro, needles, question = self._texts(keys, values, target)
+        intro, needles, question = needle_texts(keys, values, target)
         intro_ids, question_ids = enc(intro), enc(question)
         needle_ids = [enc(t) for t in needles]
         answer_ids = enc(" " + values[target])
@@ -115,16 +147,10 @@ class Passkey(Task):
             raise ValueError(f"passkey: seq_len={length} is too short for the needles")
         start = int(rng.integers(0, len(self.filler) - n_fill + 1))
         fill = np.asarray(self.filler[start:start + n_fill], dtype=np.int64)
-        cuts = [round(float(p["depth"]) * n_fill)]
-        cuts += [int(c) for c in rng.integers(0, n_fill + 1, size=n - 1)]
-        order = np.argsort(cuts, kind="stable")
-        pieces: list[np.ndarray] = [np.asarray(intro_ids, dtype=np.int64)]
-        prev = 0
-        for i in order:
-            pieces += [fill[prev:cuts[i]], np.asarray(needle_ids[i], dtype=np.int64)]
-            prev = cuts[i]
-        pieces += [fill[prev:], np.asarray(question_ids + answer_ids, dtype=np.int64)]
-        seq = np.concatenate(pieces)
+        hidden = hide_needles(fill, [np.asarray(ids, dtype=np.int64) for ids in needle_ids],
+                              float(p["depth"]), rng)
+        seq = np.concatenate([np.asarray(intro_ids, dtype=np.int64), *hidden,
+                              np.asarray(question_ids + answer_ids, dtype=np.int64)])
         answer = np.full(len(seq), IGNORE, dtype=np.int64)
         answer[len(seq) - len(answer_ids):] = answer_ids
         return Example(inputs=seq[:-1], targets=answer[1:])

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from archbench.evaluate import plots
+from archbench.evaluate.reporting import plots
 from archbench.io import read_jsonl
 
 RUN_FILES = ("summary.json", "metrics.jsonl")

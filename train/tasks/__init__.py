@@ -14,7 +14,7 @@ Training on a task (`data.source=task`, `data.task.name=NAME`, `data.task.params
     task             name, params, n_train, n_val, seed, setting: what made the data
 
 The "mad" name reaches the MAD suite's settings: `params.setting="noisy_recall/frac_noise:0.4"`
-picks the task, its parameters and its training-set size (evaluate/tasks/mad.py).
+picks the task, its parameters and its training-set size (train/tasks/mad.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from archbench.evaluate.tasks.base import (
+from archbench.train.data import TokenData
+from archbench.train.tasks.base import (
     IGNORE,
     Example,
     Task,
@@ -32,8 +33,8 @@ from archbench.evaluate.tasks.base import (
     score_examples,
     split_windows,
 )
-from archbench.evaluate.tasks.copying import InductionHeads, SelectiveCopying
-from archbench.evaluate.tasks.mad import (
+from archbench.train.tasks.copying import InductionHeads, SelectiveCopying
+from archbench.train.tasks.mad import (
     MAD_TEST_EXAMPLES,
     Compression,
     FuzzyRecall,
@@ -42,9 +43,8 @@ from archbench.evaluate.tasks.mad import (
     NoisyRecall,
     resolve_setting,
 )
-from archbench.evaluate.tasks.mqar import MQAR
-from archbench.evaluate.tasks.passkey import Passkey
-from archbench.train.data import TokenData
+from archbench.train.tasks.mqar import MQAR
+from archbench.train.tasks.passkey import Passkey
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
@@ -65,7 +65,7 @@ def resolve(name: str, params: dict[str, Any] | None) -> tuple[str, dict[str, An
         setting = params.pop("setting", None)
         if setting is None:
             raise ValueError("data.task.name=mad needs params.setting, e.g. "
-                             "'in_context_recall/baseline' (see evaluate/tasks/mad.py)")
+                             "'in_context_recall/baseline' (see train/tasks/mad.py)")
         task, base, n_train = resolve_setting(setting)
         return task, {**base, **params}, n_train
     if name not in TASKS:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from archbench.evaluate.tasks.base import IGNORE, Example, Task
+from archbench.train.tasks.base import IGNORE, Example, Task
 
 
 class SelectiveCopying(Task):

@@ -9,7 +9,7 @@ harness looks the name up. This module is a drop-in for the `lm-eval` command th
 that, and adds the local task folder when no `--include_path` is given (run it outside the source
 checkout: a local `evaluate/` folder would shadow Hugging Face's `evaluate`):
 
-    python -m archbench.evaluate.lm_eval_adapter run --model archbench \
+    python -m archbench.evaluate.quality.lm_eval_adapter run --model archbench \
         --model_args ckpt=runs/X,device=cpu --tasks archbench_passkey,lambada_openai --limit 50
 
 `model_args`: ckpt (run dir or checkpoint folder, required), device (default cpu), max_length
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from lm_eval.api.model import LM
 
-from archbench.evaluate.generate import Sampling, generate
-from archbench.evaluate.perplexity import document_logprobs, score_continuations
-from archbench.evaluate.tasks.base import position_limit
+from archbench.evaluate.generation.generate import Sampling, generate
+from archbench.evaluate.quality.perplexity import document_logprobs, score_continuations
+from archbench.train.tasks.base import position_limit
+from archbench.train.tasks.passkey import draw_needles, hide_needles, needle_texts
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LOCAL_TASKS = ("archbench_heldout", "archbench_passkey", "archbench_passkey_multikey",
@@ -272,36 +273,20 @@ def _heldout_texts(n_docs: int, max_chars: int) -> list[dict[str, Any]]:
 def _passkey_docs(texts: list[str], rng: np.random.Generator, n_keys: int,
                   lengths: Sequence[int], depths: Sequence[float], per_cell: int
                   ) -> list[dict[str, Any]]:
-    from archbench.evaluate.tasks import passkey as pk
-
+    """Passkey documents in characters (lm-eval scores text): the synthetic task's wording and
+    needle placement, over held-out filler text; 5-digit values for one key, 7 for several."""
     filler = "\n".join(texts)
     docs = []
     for length in lengths:
         for depth in depths:
             for _ in range(per_cell):
-                values = [str(int(rng.integers(10 ** 4 if n_keys == 1 else 10 ** 6,
-                                               10 ** 5 if n_keys == 1 else 10 ** 7)))
-                          for _ in range(n_keys)]
-                keys = ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, size=8))
-                        for _ in range(n_keys)]
-                if n_keys == 1:
-                    intro, needles = pk.SINGLE_INTRO, [pk.SINGLE_NEEDLE.format(value=values[0])]
-                    question = pk.SINGLE_QUESTION
-                else:
-                    intro = pk.MULTI_INTRO
-                    needles = [pk.MULTI_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-                    question = pk.MULTI_QUESTION.format(key=keys[0])
+                keys, values = draw_needles(rng, n_keys, 5 if n_keys == 1 else 7)
+                intro, needles, question = needle_texts(keys, values, 0)
                 n_fill = length - len(intro) - sum(map(len, needles)) - len(question)
                 start = int(rng.integers(0, len(filler) - n_fill))
-                fill = filler[start:start + n_fill]
-                cuts = [round(depth * n_fill)] + [int(c) for c in
-                                                  rng.integers(0, n_fill + 1, size=n_keys - 1)]
-                text, prev = intro, 0
-                for i in np.argsort(cuts, kind="stable"):
-                    text += fill[prev:cuts[i]] + needles[i]
-                    prev = cuts[i]
-                text += fill[prev:] + question
-                docs.append({"context": text, "answer": " " + values[0], "chars": length,
+                hidden = hide_needles(filler[start:start + n_fill], needles, depth, rng)
+                docs.append({"context": intro + "".join(hidden) + question,
+                             "answer": " " + values[0], "chars": length,
                              "depth": depth, "n_keys": n_keys})
     return docs
 
@@ -362,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from archbench.evaluate.lm_eval_adapter import main as _main
+    from archbench.evaluate.quality.lm_eval_adapter import main as _main
 
     _main()
-elif __name__ == "archbench.evaluate.lm_eval_adapter":
+elif __name__ == "archbench.evaluate.quality.lm_eval_adapter":
     register()

@@ -1,12 +1,12 @@
 """`archbench report PATH... [-o DIR]`: one Markdown report (tables + PNG plots) and one CSV of
 every record, from any mix of run directories, sweep folders and record files.
 
-The builder only reads what the stages wrote (evaluate/report_data.py) and writes a section only
+The builder only reads what the stages wrote (evaluate/reporting/data.py) and writes a section only
 where the records hold its data; a section or part without data is one line saying so, never an
 error, so a partial sweep still gives a useful report. A file that cannot be read is named in the
 report (and on stderr) and skipped; the others are still reported. Sections:
-summary, line-up, quality (evaluate/report_quality.py), synthetic tasks, efficiency, lm-eval,
-provenance (evaluate/report_systems.py). Plots: evaluate/plots.py.
+summary, line-up, quality (evaluate/reporting/quality.py), synthetic tasks, efficiency, lm-eval,
+provenance (evaluate/reporting/systems.py). Plots: evaluate/reporting/plots.py.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from archbench.evaluate.report_data import Collection, Labels, Report, device_text, load
-from archbench.evaluate.report_quality import (
+from archbench.evaluate.reporting.data import Collection, Labels, Report, device_text, load
+from archbench.evaluate.reporting.quality import (
     section_lineup,
     section_lm_eval,
     section_quality,
     section_synthetic,
 )
-from archbench.evaluate.report_systems import (
+from archbench.evaluate.reporting.systems import (
     section_efficiency,
     section_provenance,
     section_summary,

@@ -1,0 +1,1 @@
+"""Sampling text from a checkpoint (`archbench generate`), batched without padding any state."""
