@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mixer
 from archbench.config import ConfigError, require_choice, require_positive
@@ -149,7 +149,7 @@ class Attention(Sublayer):
         self,
         x: torch.Tensor,
         state: LayerState | None = None,
-        ctx: dict[str, Any] | None = None,
+        ctx: ForwardContext | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         start = state.length if isinstance(state, KVState) else 0

@@ -5,17 +5,69 @@ from scratch (training, scoring). Called with a state from `init_state`, it cont
 state over the next T >= 1 tokens and updates the state in place: T > 1 is a parallel prefill of a
 chunk, T == 1 a decoding step. Both must give the outputs of the full forward.
 
-`ctx` is a dict shared by all layers of one forward call. Layers use it to pass things across
-depth (RWKV-7's value residual from the first layer) and to report auxiliary losses (MoE).
+`ctx` is a `ForwardContext` shared by all layers of one forward call: layers pass a tensor across
+depth through it (RWKV-7's value residual from its first layer) and report auxiliary losses and
+per-layer statistics (MoE) into it, keyed by layer index.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
+
+
+@dataclass
+class ForwardContext:
+    """What the layers of one forward call share. Create a fresh one per forward call.
+
+    Entries are keyed by (name, layer index), so activation checkpointing, which runs a block's
+    forward again during backward with the same context, overwrites a layer's entry instead of
+    adding it twice. Read the losses before calling backward: those are in the graph.
+    """
+
+    value_residual: torch.Tensor | None = None  # RWKV-7: v of the first RWKV-7 layer
+    aux_losses: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    layer_stats: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def add_aux_loss(self, name: str, layer_idx: int, value: torch.Tensor) -> None:
+        """A weighted loss term to add to the training loss (e.g. MoE load balance)."""
+        self.aux_losses[(name, layer_idx)] = value
+
+    def add_layer_stat(self, name: str, layer_idx: int, value: torch.Tensor) -> None:
+        """A per-layer diagnostic vector (e.g. the fraction of tokens each expert received)."""
+        self.layer_stats[(name, layer_idx)] = value.detach()
+
+    def aux_loss_terms(self) -> dict[str, torch.Tensor]:
+        """Each auxiliary loss summed over layers, by name."""
+        terms: dict[str, torch.Tensor] = {}
+        for (name, _), value in sorted(self.aux_losses.items(), key=lambda kv: kv[0]):
+            terms[name] = terms[name] + value if name in terms else value
+        return terms
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """The sum of every auxiliary loss term (0.0 when the model has none)."""
+        return sum(self.aux_loss_terms().values(), 0.0)
+
+    def stats_by_name(self) -> dict[str, list[torch.Tensor]]:
+        """Layer statistics grouped by name, in layer order."""
+        out: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for (name, _), value in sorted(self.layer_stats.items(), key=lambda kv: kv[0]):
+            out[name].append(value)
+        return dict(out)
+
+
+def summarise_layer_stats(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """`{name}_max` and `{name}_min` of the mean vector of each statistic over layers and steps
+    (for MoE: the most and least used expert's share of the routing)."""
+    out: dict[str, float] = {}
+    for name, values in sorted(stats.items()):
+        if values:
+            mean = torch.stack([v.float().cpu() for v in values]).mean(0)
+            out[f"{name}_max"], out[f"{name}_min"] = float(mean.max()), float(mean.min())
+    return out
 
 
 @dataclass
@@ -39,7 +91,7 @@ class Sublayer(nn.Module):
     leaves_params_unused: bool = False
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         raise NotImplementedError
 

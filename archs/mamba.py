@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.kernels import conv, selective_scan, ssd
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mixer
@@ -275,7 +275,7 @@ class Mamba(_MambaBase):
         return delta, -torch.exp(self.A_log.float()), B, C
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         st = state if isinstance(state, MambaState) else None
         cuda = self._use_cuda(x)
@@ -399,7 +399,7 @@ class Mamba2(_MambaBase):
         return z, xs, B, C, dt
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         st = state if isinstance(state, MambaState) else None
         cuda = self._use_cuda(x)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mlp
 from archbench.config import ConfigError, require_choice, require_positive
@@ -85,7 +85,7 @@ class DenseMLP(Sublayer):
         nn.init.normal_(self.down_proj.weight, std=residual_std(arch))
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         if self.gate_proj is not None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -165,6 +165,7 @@ class MoE(Sublayer):
         cfg = arch.moe
         d = arch.d_model
         self.d_model = d
+        self.layer_idx = layer_idx
         self.n_experts, self.top_k = int(cfg.n_experts), int(cfg.top_k)
         self.renormalize = bool(cfg.renormalize)
         self.aux_loss_coef, self.z_loss_coef = float(cfg.aux_loss_coef), float(cfg.z_loss_coef)
@@ -233,7 +234,7 @@ class MoE(Sublayer):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         flat = x.reshape(-1, self.d_model)
         logits = self.router(flat)
@@ -243,27 +244,15 @@ class MoE(Sublayer):
         out = self.combine(flat, weights, experts)
         return out.view(x.shape)
 
-    def _report(
-        self, ctx: dict[str, Any], logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor
-    ) -> None:
-        """Add this layer's weighted aux losses (summed over layers) and its routing fractions.
-
-        Once per layer and ctx: activation checkpointing re-runs the forward during backward with
-        the same ctx, and must not add the losses (already in the graph) a second time. The losses
-        are still computed then, as the recompute must save the same tensors as the forward.
-        """
+    def _report(self, ctx: ForwardContext, logits: torch.Tensor, probs: torch.Tensor,
+                experts: torch.Tensor) -> None:
+        """This layer's weighted aux losses and its routing fractions, under its layer index (a
+        recompute under activation checkpointing replaces them rather than adding them again)."""
         balance = self.aux_loss_coef * load_balance_loss(probs, experts, self.n_experts)
-        z_loss = self.z_loss_coef * router_z_loss(logits)
-        reported = ctx.setdefault("moe_reported", set())
-        if id(self) in reported:
-            return
-        reported.add(id(self))
-        aux = ctx.setdefault("aux_losses", {})
-        aux["moe_load_balance"] = aux.get("moe_load_balance", 0.0) + balance
-        aux["moe_z_loss"] = aux.get("moe_z_loss", 0.0) + z_loss
-        ctx.setdefault("expert_fractions", []).append(
-            expert_fractions(experts, self.n_experts).detach()
-        )
+        ctx.add_aux_loss("moe_load_balance", self.layer_idx, balance)
+        ctx.add_aux_loss("moe_z_loss", self.layer_idx, self.z_loss_coef * router_z_loss(logits))
+        ctx.add_layer_stat("expert_fraction", self.layer_idx,
+                           expert_fractions(experts, self.n_experts))
 
     def combine(
         self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor

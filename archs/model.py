@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from archbench.archs import registry
-from archbench.archs.base import LayerState, Sublayer
+from archbench.archs.base import ForwardContext, LayerState, Sublayer
 from archbench.config import ConfigError, arch_schema, pattern_periods, validate_arch
 
 
@@ -76,7 +76,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         states: tuple[LayerState | None, LayerState | None] | None,
-        ctx: dict[str, Any],
+        ctx: ForwardContext,
     ) -> torch.Tensor:
         mixer_state, mlp_state = states if states is not None else (None, None)
         x = x + self.mixer(self.mixer_norm(x), mixer_state, ctx)
@@ -137,10 +137,10 @@ class LanguageModel(nn.Module):
         self,
         tokens: torch.Tensor,
         cache: ModelCache | None = None,
-        ctx: dict[str, Any] | None = None,
+        ctx: ForwardContext | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V). With a cache, continue from it (prefill a chunk or step one token)."""
-        ctx = {} if ctx is None else ctx
+        ctx = ForwardContext() if ctx is None else ctx
         start = cache.pos if cache is not None else 0
         length = tokens.shape[1]
         if cache is not None and start + length > cache.max_len:

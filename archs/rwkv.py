@@ -14,10 +14,10 @@ Time mix, per token (x the normed input, x_prev the previous token's, all produc
     out = W_o (y * g)
 
 The WKV recurrence runs in archs/kernels/rwkv7.py (recurrent, chunked, or fla's Triton kernel).
-The first RWKV-7 layer of the model (layer 0 in a pure RWKV stack) stores its v in ctx["v_first"]
-and has no value-residual LoRA; later layers read it. During decoding ctx lives for one forward
-call, in which that first layer has already stored v_first of the current token, so no state is
-kept for it.
+The first RWKV-7 layer of the model (layer 0 in a pure RWKV stack) stores its v (v_first) in
+ctx.value_residual and has no value-residual LoRA; later layers read it. During decoding ctx lives
+for one forward call, in which that first layer has already stored v_first of the current token,
+so no state is kept for it.
 
 Channel mix: k = x + (x_prev - x) * mu_k;  out = W_v relu(W_k k)^2 with a 4x hidden layer.
 
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
 from archbench.archs.mlp import hidden_size
 from archbench.archs.registry import register_embed_init, register_mixer, register_mlp
@@ -247,11 +247,11 @@ class RWKV7TimeMix(Sublayer):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         if state is not None and not isinstance(state, RWKV7TimeMixState):
             raise TypeError(f"RWKV7TimeMix needs an RWKV7TimeMixState, got {type(state).__name__}")
-        ctx = {} if ctx is None else ctx
+        ctx = ForwardContext() if ctx is None else ctx
         batch, length, d = x.shape
         heads, n = self.n_heads, self.head_size
         xx = _token_shift(x, state.shift if state is not None else None) - x
@@ -265,14 +265,16 @@ class RWKV7TimeMix(Sublayer):
         k = self.key(xk)
         v = self.value(xv)
         if self.stores_v_first:
-            ctx["v_first"] = v
+            ctx.value_residual = v
         else:
-            if "v_first" not in ctx:
+            if ctx.value_residual is None:
                 raise RuntimeError(
-                    f"RWKV-7 layer {self.layer_idx} needs ctx['v_first'] from the first RWKV-7 "
-                    "layer of the same forward call (run the layers in order with one ctx)"
+                    f"RWKV-7 layer {self.layer_idx} needs ctx.value_residual (v_first) from the "
+                    "first RWKV-7 layer of the same forward call (run the layers in order with "
+                    "one ctx)"
                 )
-            v = v + (ctx["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            first = ctx.value_residual
+            v = v + (first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(batch, length, heads, n), dim=-1, p=2.0)
@@ -329,7 +331,7 @@ class RWKV7ChannelMix(Sublayer):
         return {"x_k"}
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, ctx: dict[str, Any] | None = None
+        self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         shift = state.shift if isinstance(state, TokenShiftState) else None
         mixed = x + (_token_shift(x, shift) - x) * self.x_k

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from archbench.archs.base import ForwardContext
 from archbench.archs.mlp import DenseMLP, MoE, _grouped_mm_fn, route_top_k
 from archbench.archs.model import arch_config
 
@@ -106,7 +107,7 @@ def main() -> None:
     def with_path(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(inp: torch.Tensor) -> torch.Tensor:
             moe.kernel_path = path
-            return moe(inp, ctx={})
+            return moe(inp, ctx=ForwardContext())
         return fn
 
     cases: list[tuple[str, Callable[[], None], int]] = []

@@ -17,6 +17,7 @@ import torch
 from conftest import make_config, tiny_arch
 
 import archbench.archs.model as model_mod
+from archbench.archs.base import ForwardContext
 from archbench.archs.model import LanguageModel
 from archbench.train.checkpoint import find_checkpoint
 from archbench.train.trainer import run_training
@@ -35,10 +36,10 @@ def _grads(model: LanguageModel, tokens: torch.Tensor, checkpointing: bool
     model.zero_grad(set_to_none=True)
     model.train()
     model.activation_checkpointing = checkpointing
-    ctx: dict[str, Any] = {}
+    ctx = ForwardContext()
     logits = model(tokens[:, :-1], ctx=ctx)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    aux = ctx.get("aux_losses", {})
+    aux = ctx.aux_loss_terms()
     (loss + sum(aux.values())).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in aux.items()}}

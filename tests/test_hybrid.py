@@ -16,6 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import archbench.conf
+from archbench.archs.base import ForwardContext
 from archbench.archs.model import LanguageModel, arch_config, layer_plan
 from archbench.archs.registry import mixer_names
 from archbench.archs.sizing import solve_size
@@ -218,10 +219,10 @@ def test_tiny_hybrid_trains_with_aux_losses() -> None:
     for _ in range(40):
         start = torch.randint(0, vocab, (8, 1))
         seq = (start + torch.arange(17)) % vocab
-        ctx: dict = {}
+        ctx = ForwardContext()
         logits = model(seq[:, :-1], ctx=ctx)
         loss = F.cross_entropy(logits.reshape(-1, vocab), seq[:, 1:].reshape(-1))
-        aux = sum(ctx["aux_losses"].values())
+        aux = ctx.aux_loss()
         opt.zero_grad()
         (loss + aux).backward()
         opt.step()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from archbench.archs.base import ForwardContext
 from archbench.archs.mlp import DenseMLP, MoE, _grouped_mm_fn
 from archbench.archs.model import LanguageModel, arch_config
 
@@ -84,9 +85,10 @@ def test_dropless_when_every_token_picks_the_same_experts(path: str) -> None:
         layer.router.weight.normal_(std=0.01)
         layer.router.weight[:2] += 0.2  # experts 0 and 1 far ahead for every token
     layer.kernel_path = path
-    ctx: dict = {}
+    ctx = ForwardContext()
     out = layer(x, ctx=ctx)
-    torch.testing.assert_close(ctx["expert_fractions"][0], torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
+    fractions = ctx.stats_by_name()["expert_fraction"]
+    torch.testing.assert_close(fractions[0], torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
     torch.testing.assert_close(out, per_token_reference(layer, x), rtol=1e-5, atol=1e-6)
     out.sum().backward()
     assert layer.w_up.grad[2:].abs().max() == 0
@@ -105,10 +107,10 @@ def test_grouped_mm_matches_expert_loop_with_gradients() -> None:
         layer.kernel_path = path
         layer.zero_grad()
         x.grad = None
-        ctx: dict = {}
+        ctx = ForwardContext()
         out = layer(x, ctx=ctx)
         loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
-        loss = loss + sum(ctx["aux_losses"].values())
+        loss = loss + ctx.aux_loss()
         loss.backward()
         grads[path] = {"out": out.detach(), "x": x.grad.clone()}
         grads[path].update({n: p.grad.clone() for n, p in layer.named_parameters()})
@@ -159,22 +161,24 @@ def test_aux_losses_closed_form_on_hand_built_routing() -> None:
                  (0.1 + 0.4 + 0.05) / 3]
     balance = 4 * sum(f * p for f, p in zip(fractions, mean_prob))
     z_loss = (1.0**2 + 2.0**2 + 0.5**2) / 3  # logsumexp(log p + c) = c since sum p = 1
-    ctx: dict = {}
+    ctx = ForwardContext()
     layer(x, ctx=ctx)
-    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(balance, rel=1e-12)
-    assert ctx["aux_losses"]["moe_z_loss"].item() == pytest.approx(z_loss, rel=1e-12)
-    torch.testing.assert_close(ctx["expert_fractions"][0], torch.tensor(fractions))
-    # A second layer in the same forward adds into the same keys, and appends its fractions.
+    assert ctx.aux_loss_terms()["moe_load_balance"].item() == pytest.approx(balance, rel=1e-12)
+    assert ctx.aux_loss_terms()["moe_z_loss"].item() == pytest.approx(z_loss, rel=1e-12)
+    torch.testing.assert_close(ctx.stats_by_name()["expert_fraction"][0], torch.tensor(fractions))
+    # A second layer in the same forward adds to the same terms, and records its own fractions.
     twin = MoE(layer_arch(layer), 1).double()
     twin.load_state_dict(layer.state_dict())
     twin(x, ctx=ctx)
-    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
-    assert ctx["aux_losses"]["moe_z_loss"].item() == pytest.approx(2 * z_loss, rel=1e-12)
-    assert len(ctx["expert_fractions"]) == 2 and not ctx["expert_fractions"][1].requires_grad
-    # The same layer again in the same forward (activation checkpointing's recompute) adds nothing.
+    assert ctx.aux_loss_terms()["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
+    assert ctx.aux_loss_terms()["moe_z_loss"].item() == pytest.approx(2 * z_loss, rel=1e-12)
+    fractions_now = ctx.stats_by_name()["expert_fraction"]
+    assert len(fractions_now) == 2 and not fractions_now[1].requires_grad
+    # The same layer again in the same forward (activation checkpointing's recompute) replaces its
+    # own entries: the totals do not change.
     layer(x, ctx=ctx)
-    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
-    assert len(ctx["expert_fractions"]) == 2
+    assert ctx.aux_loss_terms()["moe_load_balance"].item() == pytest.approx(2 * balance, rel=1e-12)
+    assert len(ctx.stats_by_name()["expert_fraction"]) == 2
 
 
 def layer_arch(layer: MoE) -> object:
@@ -186,13 +190,13 @@ def test_aux_losses_are_scaled_by_their_coefficients() -> None:
     layer = make_moe(aux_loss_coef=0.25, z_loss_coef=0.5, kernels="torch")
     ref = make_moe(aux_loss_coef=1.0, z_loss_coef=1.0, kernels="torch")
     x = torch.randn(2, 7, D, dtype=torch.float64)
-    ctx, ctx_ref = {}, {}
+    ctx, ctx_ref = ForwardContext(), ForwardContext()
     layer(x, ctx=ctx)
     ref(x, ctx=ctx_ref)
     for key, coef in (("moe_load_balance", 0.25), ("moe_z_loss", 0.5)):
-        assert ctx_ref["aux_losses"][key].item() > 0
-        expected = coef * ctx_ref["aux_losses"][key].item()
-        assert ctx["aux_losses"][key].item() == pytest.approx(expected)
+        assert ctx_ref.aux_loss_terms()[key].item() > 0
+        expected = coef * ctx_ref.aux_loss_terms()[key].item()
+        assert ctx.aux_loss_terms()[key].item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("n_experts,top_k", [(4, 1), (4, 2), (16, 2)])
@@ -201,18 +205,18 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_collapsed(
 ) -> None:
     uniform = [[1.0 / n_experts] * n_experts for _ in range(n_experts)]
     layer, x = routed_layer(uniform, shifts=[0.0] * n_experts, top_k=top_k)
-    ctx: dict = {}
+    ctx = ForwardContext()
     layer(x, ctx=ctx)
-    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(1.0, rel=1e-12)
-    assert ctx["aux_losses"]["moe_z_loss"].item() == pytest.approx(0.0, abs=1e-12)
+    assert ctx.aux_loss_terms()["moe_load_balance"].item() == pytest.approx(1.0, rel=1e-12)
+    assert ctx.aux_loss_terms()["moe_z_loss"].item() == pytest.approx(0.0, abs=1e-12)
     # Collapse: every token puts 0.9 / top_k on the same top_k experts -> E * 0.9 / top_k.
     rest = 0.1 / (n_experts - top_k)
     collapsed = [[0.9 / top_k] * top_k + [rest] * (n_experts - top_k) for _ in range(n_experts)]
     layer, x = routed_layer(collapsed, shifts=[0.0] * n_experts, top_k=top_k)
-    ctx = {}
+    ctx = ForwardContext()
     layer(x, ctx=ctx)
     expected = n_experts * 0.9 / top_k
-    assert ctx["aux_losses"]["moe_load_balance"].item() == pytest.approx(expected, rel=1e-9)
+    assert ctx.aux_loss_terms()["moe_load_balance"].item() == pytest.approx(expected, rel=1e-9)
     assert expected > 1.5
 
 
@@ -228,13 +232,13 @@ def test_balance_loss_gradient_spreads_a_collapsed_router() -> None:
     opt = torch.optim.Adam(layer.router.parameters(), lr=0.05)
 
     def step() -> tuple[float, float]:
-        ctx: dict = {}
+        ctx = ForwardContext()
         layer(x[None], ctx=ctx)
-        loss = ctx["aux_losses"]["moe_load_balance"]
+        loss = ctx.aux_loss_terms()["moe_load_balance"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return loss.item(), ctx["expert_fractions"][0].max().item()
+        return loss.item(), ctx.stats_by_name()["expert_fraction"][0].max().item()
 
     first_loss, first_max = step()
     for _ in range(60):
@@ -296,12 +300,12 @@ def test_moe_layer_in_a_model_reports_every_layer() -> None:
         "pattern": {"mixers": ["attention"], "mlps": ["moe", "dense"]},
         "moe": {"n_experts": 4, "top_k": 2},
     }, 40)
-    ctx: dict = {}
+    ctx = ForwardContext()
     model(torch.randint(0, 40, (2, 8)), ctx=ctx)
-    assert len(ctx["expert_fractions"]) == 2  # layers 0 and 2
-    for fractions in ctx["expert_fractions"]:
+    assert len(ctx.stats_by_name()["expert_fraction"]) == 2  # layers 0 and 2
+    for fractions in ctx.stats_by_name()["expert_fraction"]:
         assert fractions.shape == (4,) and math.isclose(fractions.sum().item(), 1.0, rel_tol=1e-6)
-    balance = ctx["aux_losses"]["moe_load_balance"]
+    balance = ctx.aux_loss_terms()["moe_load_balance"]
     assert balance.requires_grad and 0 < balance.item() <= 2 * 0.01 * 4  # each layer <= E
 
 
@@ -318,15 +322,17 @@ def test_activation_checkpointing_reports_each_layer_once() -> None:
     for checkpointing in (False, True):
         model.activation_checkpointing = checkpointing
         model.zero_grad()
-        ctx: dict = {}
+        ctx = ForwardContext()
         logits = model(tokens, ctx=ctx)
-        (logits.square().mean() + sum(ctx["aux_losses"].values())).backward()
+        (logits.square().mean() + ctx.aux_loss()).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((ctx, grads))
     (plain, plain_grads), (ckpt, ckpt_grads) = results
-    assert len(ckpt["expert_fractions"]) == len(plain["expert_fractions"]) == 2
+    n_ckpt = len(ckpt.stats_by_name()["expert_fraction"])
+    assert n_ckpt == len(plain.stats_by_name()["expert_fraction"]) == 2
     for key in ("moe_load_balance", "moe_z_loss"):
-        assert ckpt["aux_losses"][key].item() == pytest.approx(plain["aux_losses"][key].item())
+        expected = plain.aux_loss_terms()[key].item()
+        assert ckpt.aux_loss_terms()[key].item() == pytest.approx(expected)
     torch.testing.assert_close(ckpt_grads, plain_grads)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from archbench.archs.base import ForwardContext
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, wkv7_chunked, wkv7_recurrent
 from archbench.archs.model import LanguageModel, resolve_kernels
 from archbench.archs.rwkv import RWKV7ChannelMix, RWKV7TimeMix, lora_rank
@@ -165,11 +166,11 @@ def test_value_residual_comes_from_the_first_rwkv_layer() -> None:
     mixers = [block.mixer for block in model.blocks]
     assert [m.stores_v_first for m in mixers] == [True, False, False]
     assert not hasattr(mixers[0], "v1") and all(hasattr(m, "v1") for m in mixers[1:])
-    ctx: dict[str, Any] = {}
+    ctx = ForwardContext()
     tokens = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         model(tokens, ctx=ctx)
-    assert ctx["v_first"].shape == (2, 9, 64)
+    assert ctx.value_residual is not None and ctx.value_residual.shape == (2, 9, 64)
     with pytest.raises(RuntimeError, match="v_first"):
         mixers[1](torch.randn(2, 9, 64))
     hybrid = OmegaConf.merge(rwkv_arch(), {"pattern": {"mixers": ["attention", "rwkv7"]}})

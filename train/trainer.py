@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from archbench.archs.base import ForwardContext, summarise_layer_stats
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
@@ -221,20 +222,19 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
             inputs, targets = inputs.to(device), targets.to(device)
             loss_sum = 0.0
             aux_sums: dict[str, float] = {}
-            fractions = []
+            layer_stats: dict[str, list[torch.Tensor]] = {}
             for m in range(tcfg.grad_accum):
                 sl = slice(m * micro, (m + 1) * micro)
-                fwd_ctx: dict[str, Any] = {}
+                fwd_ctx = ForwardContext()
                 with autocast, dist_utils.maybe_no_sync(train_model, m < tcfg.grad_accum - 1):
                     logits = forward(inputs[sl], ctx=fwd_ctx)
                     loss = lm_loss(logits, targets[sl])
-                    aux = fwd_ctx.get("aux_losses", {})
+                    aux = fwd_ctx.aux_loss_terms()
                     total = loss + sum(aux.values()) if aux else loss
-                # Read ctx before backward: activation checkpointing re-runs each block during
-                # backward, and an MoE layer then adds its aux losses to ctx a second time.
-                for key, value in aux.items():
+                for key, value in aux.items():  # read before backward (recompute may overwrite)
                     aux_sums[key] = aux_sums.get(key, 0.0) + float(value.detach()) / tcfg.grad_accum
-                fractions += fwd_ctx.get("expert_fractions", [])
+                for name, values in fwd_ctx.stats_by_name().items():
+                    layer_stats.setdefault(name, []).extend(values)
                 (total / tcfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / tcfg.grad_accum
             loss_value = dist_utils.mean_across(loss_sum, ctx_dist)
@@ -256,10 +256,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "flops": step * tokens_per_step * model.flops_per_token(
                               seq_len)["train"], **aux_sums}
-                if fractions:
-                    mean = torch.stack([f.float().cpu() for f in fractions]).mean(0)
-                    record["expert_fraction_max"] = float(mean.max())
-                    record["expert_fraction_min"] = float(mean.min())
+                record.update(summarise_layer_stats(layer_stats))
                 append_jsonl(metrics_path, record)
                 logger.log_metrics(step, {k: v for k, v in record.items() if k != "step"})
                 bar.set_postfix(loss=f"{loss_value:.3f}",

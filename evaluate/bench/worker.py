@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archbench.archs import registry
+from archbench.archs.base import ForwardContext
 from archbench.evaluate.bench.devices import utilisation
 from archbench.evaluate.bench.flops import step_flops
 from archbench.evaluate.bench.measure import (
@@ -48,11 +50,11 @@ from archbench.evaluate.bench.memory import PeakMemory, limit_data
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
 
-# Imported here so that the forkserver (which preloads this module) holds them already; a mixer
-# module that does not import is reported by the measurement that needs it, not here.
-for _name in ("attention", "mlp", "mamba", "rwkv"):
-    with contextlib.suppress(Exception):
-        __import__(f"archbench.archs.{_name}")
+# Every registered mixer module, imported here so that the forkserver (which preloads this module)
+# holds them already; a mixer module that does not import is reported by the measurement that
+# needs it (the registry raises there), not here.
+with contextlib.suppress(Exception):
+    registry.discover()
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -123,12 +125,11 @@ def _train_step(
     module.train()
 
     def step() -> None:
-        ctx: dict[str, Any] = {}
+        ctx = ForwardContext()
         with autocast():
             logits = logits_fn(inputs, ctx)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            aux = ctx.get("aux_losses") or {}
-            total = loss + sum(aux.values()) if aux else loss
+            total = loss + ctx.aux_loss()
         total.backward()
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip)
