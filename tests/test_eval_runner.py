@@ -4,6 +4,7 @@ bpb / extrapolation / synthetic tasks from a checkpoint, and the experiment conf
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,12 @@ def test_bpb_and_extrapolation_records_from_a_checkpoint(tmp_path: Path) -> None
     assert by[("bpb", "bpb", 32, None)]["value"] == pytest.approx(direct["bpb"])
     assert by[("bpb", "loss", 32, None)]["value"] == pytest.approx(direct["loss"])
     assert len([r for r in records if r["metric"] == "loss_bucket"]) == 4
+    # per-window sums, for paired comparisons: they add up to the totals, one entry per window
+    windows = by[("bpb", "bpb", 32, None)]["windows"]
+    assert len(windows["nats"]) == direct["windows"] == 8
+    assert sum(windows["nats"]) / math.log(2) / sum(windows["bytes"]) == pytest.approx(
+        direct["bpb"])
+    assert sum(windows["tokens"]) == direct["tokens"]
     assert by[("extrapolation", "loss", 64, None)]["status"] == "ok"
     past = by[("extrapolation", "loss", 128, None)]
     assert past["status"] == "not_supported" and past["value"] is None and "64" in past["reason"]

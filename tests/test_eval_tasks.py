@@ -271,6 +271,7 @@ def test_an_oracle_scores_one(name: str, filler: str) -> None:
     s = score_examples(Oracle(inputs, targets, task.vocab_size), inputs, targets, batch_size=5)
     assert s["accuracy"] == 1.0 and s["exact_match"] == 1.0 and s["loss"] < 1e-6
     assert s["n_answers"] == int((targets != IGNORE).sum()) and s["n_examples"] == 12
+    assert s["correct_per_example"] == (targets != IGNORE).sum(1).tolist()
 
 
 def test_a_constant_predictor_scores_chance(filler: str) -> None:
@@ -279,6 +280,8 @@ def test_a_constant_predictor_scores_chance(filler: str) -> None:
     uniform = score_examples(Constant(16, None), inputs, targets, batch_size=64)
     assert math.isclose(uniform["loss"], math.log(16), rel_tol=1e-6)
     fixed = score_examples(Constant(16, 3), inputs, targets, batch_size=64)
+    assert sum(fixed["correct_per_example"]) == round(fixed["accuracy"] * fixed["n_answers"])
+    assert len(fixed["correct_per_example"]) == 400
     chance, n = 1 / 14, fixed["n_answers"]  # data tokens are uniform over 14 ids
     assert abs(fixed["accuracy"] - chance) < 4 * math.sqrt(chance * (1 - chance) / n)
     assert fixed["exact_match"] == 0.0

@@ -47,6 +47,7 @@ def split_metrics(
     `accuracy` (argmax on the answers) is added.
     """
     n_windows = split.n_windows(seq_len)
+    per_window: bool = False,
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     if max_windows is not None:
@@ -54,6 +55,10 @@ def split_metrics(
     if n_windows == 0:
         raise ValueError(f"the split holds fewer than {seq_len + 1} tokens: no window to score")
     was_training = model.training
+
+    `per_window=True` adds `window_nats`, `window_tokens` and `window_bytes` (one entry per
+    window, in order): two models scored on the same windows can then be compared window by
+    window (a paired bootstrap, evaluate/stats.py), which sees far smaller gaps than two means.
     model.eval()
     byte_table = torch.as_tensor(token_bytes, dtype=torch.float64)
     total_nats, total_tokens, total_bytes, correct = 0.0, 0, 0.0, 0
@@ -71,6 +76,9 @@ def split_metrics(
         flat = logits.float().flatten(0, 1)
         nats = F.cross_entropy(flat, targets.flatten(), reduction="none",
                                ignore_index=IGNORE).view_as(targets).double().cpu()
+    window_nats: list[float] = []
+    window_tokens: list[int] = []
+    window_bytes: list[float] = []
         keep = (targets != IGNORE).cpu()
         total_nats += float(nats.sum())
         total_tokens += int(keep.sum())
@@ -84,6 +92,11 @@ def split_metrics(
             correct += int((flat.argmax(-1).view_as(targets) == targets)[targets != IGNORE].sum())
         if edges is not None:
             per_pos = nats.sum(0).numpy()
+        if per_window:
+            window_nats += nats.sum(1).tolist()
+            window_tokens += keep.sum(1).tolist()
+            window_bytes += (byte_table[targets.cpu().clamp(0, max(len(byte_table) - 1, 0))]
+                             * keep).sum(1).tolist() if len(byte_table) else [0.0] * len(keep)
             per_count = keep.sum(0).numpy()
             for b in range(position_buckets):
                 lo, hi = edges[b], edges[b + 1]
@@ -110,3 +123,6 @@ def split_metrics(
             for b in range(position_buckets)
         ]
     return out
+    if per_window:
+        out.update(window_nats=window_nats, window_tokens=window_tokens,
+                   window_bytes=window_bytes)

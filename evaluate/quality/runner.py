@@ -152,10 +152,16 @@ class CheckpointEval:
         split, source = self._text_split()
         e = self.ecfg
         m = split_metrics(self.model, split, self.seq_len, e.batch_size, self._token_bytes(),
-                          e.max_batches, self.device, e.position_buckets, self.amp)
+                          e.max_batches, self.device, e.position_buckets, self.amp,
+        # per-window sums (the same first windows of the split for every backbone): the report
+        # pairs them across backbones for a bootstrap interval on each difference
+        windows = {"nats": m["window_nats"], "tokens": m["window_tokens"],
+                   "bytes": m["window_bytes"]}
+                          per_window=True)
         params = {**source, "context": self.seq_len}
         recs = [make_record(self.ctx, "bpb", "loss", m["loss"], params=params, n=m["tokens"]),
-                make_record(self.ctx, "bpb", "bpb", m["bpb"], params=params, n=m["bytes"])]
+                make_record(self.ctx, "bpb", "bpb", m["bpb"], params=params, n=m["bytes"],
+                            windows=windows)]
         for b in m.get("position_buckets", []):
             if b["loss"] is not None:
                 recs.append(make_record(self.ctx, "bpb", "loss_bucket", b["loss"],
@@ -255,7 +261,8 @@ class CheckpointEval:
             self.emit([
                 make_record(self.ctx, name, "accuracy", s["accuracy"], params=desc,
                             n=s["n_answers"], stderr=s["accuracy_stderr"],
-                            primary=task.primary_metric == "accuracy"),
+                            primary=task.primary_metric == "accuracy",
+                            correct=s["correct_per_example"]),
                 make_record(self.ctx, name, "exact_match", s["exact_match"], params=desc,
                             n=s["n_examples"], stderr=s["exact_match_stderr"],
                             primary=task.primary_metric == "exact_match"),

@@ -197,7 +197,9 @@ def score_examples(model: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
 
     `accuracy` is token level (the argmax equals the answer), `exact_match` counts examples whose
     every answer is right (equivalently: greedy decoding of the answers from the true prefix
-    reproduces them), `loss` is nats per answer token.
+    reproduces them), `loss` is nats per answer token. `correct_per_example` (right answers of
+    each example, in order) lets two models scored on the same examples be compared example by
+    example (a paired bootstrap in the report).
     """
     inputs = torch.as_tensor(inputs, dtype=torch.long)
     targets = torch.as_tensor(targets, dtype=torch.long)
@@ -213,6 +215,7 @@ def score_examples(model: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
     correct = answers = 0
     nll = 0.0
     exact = with_answers = 0
+    per_example: list[int] = []
     dev = torch.device(device)
     for start in range(0, n, rows):
         x = inputs[start:start + rows].to(dev)
@@ -229,6 +232,7 @@ def score_examples(model: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
         answers += int(mask.sum())
         per_row_hits = torch.zeros_like(y, dtype=torch.bool)
         per_row_hits[mask] = hit
+        per_example += per_row_hits.sum(1).tolist()
         row_has = mask.any(1)
         row_ok = (per_row_hits | ~mask).all(1) & row_has
         exact += int(row_ok.sum())
@@ -242,4 +246,5 @@ def score_examples(model: torch.nn.Module, inputs: np.ndarray | torch.Tensor,
         "accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / answers),
         "exact_match": em, "exact_match_stderr": math.sqrt(em * (1 - em) / with_answers),
         "loss": nll / answers, "n_answers": answers, "n_examples": with_answers,
+        "correct_per_example": per_example,
     }
