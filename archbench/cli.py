@@ -3,20 +3,27 @@ so `-m` turns any of them into a sweep and `--cfg job` prints the resolved confi
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from archbench.config import ConfigError, register_schema, validate
+from archbench.config_keys import check_known_keys
+from archbench.runlock import RunFolderLocked, run_folder_lock
+from archbench.train.resume import record_subdir
 
 register_schema()
+# conf/config.yaml: hydra.output_subdir, so a later start never overwrites the first one's record.
+OmegaConf.register_new_resolver("archbench.record_subdir", record_subdir, replace=True)
 # conf/hydra/launcher/{joblib,submitit_*}.yaml spell out every field of the plugin's own config of
 # the same name, so Hydra 1.3 checks them against it (a typo fails) and warns that this matching
 # is deprecated; they do not rely on it, so the warning is noise.
@@ -62,6 +69,7 @@ def _checked(fn: Callable[[DictConfig], Any],
     def run(cfg: DictConfig) -> Any:
         try:
             validate(cfg)
+            check_known_keys(cfg)
             return fn(cfg)  # commands check their own settings too (e.g. sampling)
         except ConfigError as exc:
             if on_error is not None:
@@ -70,45 +78,50 @@ def _checked(fn: Callable[[DictConfig], Any],
                 raise
             print(f"archbench: config error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Exception as exc:
+            if not _said_in_full(exc) or _in_sweep():
+                raise
+            print(f"archbench: {exc}", file=sys.stderr)
+            sys.exit(1)
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
 
 
+def _said_in_full(exc: BaseException) -> bool:
+    """Errors whose message names the file or folder and the fix (a corrupt or mismatched
+    checkpoint, a folder another process writes): one line, no traceback."""
+    checkpoint = sys.modules.get("archbench.train.checkpoint")
+    return isinstance(exc, RunFolderLocked) or (
+        checkpoint is not None and isinstance(exc, checkpoint.CheckpointError))
+
+
 def _record_train_failure(cfg: DictConfig, exc: Exception) -> None:
+    """A config error is recorded in a new folder (a sweep's report lists it), never over a
+    folder that already holds a run: a failed start leaves that run's record as it was."""
+    from archbench.train.resume import holds_a_run
     from archbench.train.trainer import record_failure
 
-    record_failure(cfg, output_dir(cfg), exc)
-
-
-def _finished(summary: dict[str, Any], cfg: DictConfig) -> bool:
-    """Nothing left to train: a re-run sweep skips it, with or without train.resume (resume still
-    continues a finished run whose train.max_steps was raised)."""
-    if summary.get("status") != "finished":
-        return False
-    if not cfg.train.resume:
-        return True
-    planned = summary.get("total_steps", 0)
-    if cfg.train.max_steps:
-        planned = min(planned, cfg.train.max_steps)
-    return summary.get("step", 0) >= planned
+    if not holds_a_run(output_dir(cfg)):
+        record_failure(cfg, output_dir(cfg), exc)
 
 
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @partial(_checked, on_error=_record_train_failure)
 def train_app(cfg: DictConfig) -> float | None:
+    from archbench.train.resume import plan_start
     from archbench.train.trainer import run_training
 
     run_dir = output_dir(cfg)
-    if (run_dir / "summary.json").is_file():
-        import json
-
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if _finished(summary, cfg):
-            print(f"skipping {run_dir}: already finished (summary.json present)")
-            return summary.get("final", {}).get("loss")
-    summary = run_training(cfg, run_dir)
+    writer = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 writes the folder
+    with run_folder_lock(run_dir) if writer else nullcontext():
+        plan = plan_start(cfg, run_dir, list(HydraConfig.get().overrides.task))
+        if plan.message:
+            print(plan.message)
+        if plan.cfg is None:
+            return None
+        summary = run_training(plan.cfg, run_dir)
     final = summary.get("final", {})
     if summary:  # empty on ranks > 0 of a distributed run: rank 0 reports
         print(f"run dir: {run_dir}  val_loss={final.get('loss')}  val_bpb={final.get('bpb')}")

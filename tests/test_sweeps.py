@@ -15,8 +15,8 @@ from conftest import make_config, run_killable
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from archbench.cli import _finished
 from archbench.config import register_schema
+from archbench.train.resume import is_finished as _finished
 
 EXE = Path(sys.executable).with_name("archbench")
 TINY = ("data.max_bytes=300000", "data.val_fraction=0.1", "arch.d_model=32", "arch.n_layers=2",
