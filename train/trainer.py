@@ -11,17 +11,15 @@ import math
 import os
 import time
 import traceback
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from archbench.archs.base import ForwardContext, summarise_layer_stats
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
@@ -31,11 +29,11 @@ from archbench.provenance import provenance
 from archbench.train import distributed as dist_utils
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
 from archbench.train.loggers import make_logger
-from archbench.train.metrics import split_metrics
+from archbench.train.metrics import padded_token_bytes, split_metrics
 from archbench.train.optim import build_optimizer, lr_at
+from archbench.train.step import StepLosses, TrainStep
+from archbench.train.tasks import task_targets
 from archbench.train.tokenizer import Tokenizer, build_tokenizer
-
-IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,11 +71,6 @@ def _sequence_length(configured: int, meta: dict[str, Any]) -> int:
         raise ValueError(f"train.seq_len={configured} is shorter than the task's examples "
                          f"({task_len} tokens); set train.seq_len={task_len}")
     return int(task_len)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -122,159 +115,256 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise
 
 
-def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
-                  ) -> dict[str, Any]:
-    validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tcfg = cfg.train
-    ctx_dist = dist_utils.setup(tcfg.distributed)
-    rank, world, is_main = ctx_dist.rank, ctx_dist.world, ctx_dist.rank == 0
-    run_dir = Path(dist_utils.broadcast_object(str(run_dir), ctx_dist))  # rank 0's, everywhere
-    device = ctx_dist.device or pick_device(tcfg.device, "train.device")
-    amp_dtype = pick_dtype(tcfg.dtype, device)
-    if tcfg.batch_size % (tcfg.grad_accum * world):
-        raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "
-                         f"train.grad_accum={tcfg.grad_accum} x world size {world}")
-    torch.manual_seed(tcfg.seed)
+@dataclass
+class _Run:
+    """One training run's fixed parts (built once by `_setup`) and its progress (`step`,
+    `last_eval`), passed between the phases: setup, resume, loop, evaluation, finish."""
 
-    with dist_utils.main_first(ctx_dist):  # rank 0 fills the token caches, the others read them
+    cfg: DictConfig
+    run_dir: Path
+    dist: dist_utils.DistContext
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    tokenizer: Tokenizer
+    data: TokenData
+    seq_len: int
+    model: Any
+    train_step: TrainStep
+    order: WindowOrder
+    budget: int
+    total_steps: int
+    last_step: int
+    meta: dict[str, Any]
+    step: int = 0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    logger: Any = None
+    token_bytes: np.ndarray | None = None
+
+    @property
+    def tcfg(self) -> Any:
+        return self.cfg.train
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tcfg.batch_size * self.seq_len
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def _load_run_data(cfg: DictConfig, dist: dist_utils.DistContext
+                   ) -> tuple[Tokenizer, TokenData, int]:
+    """Tokenizer, token data and window length, with a validation split of at least one window."""
+    with dist_utils.main_first(dist):  # rank 0 fills the token caches, the others read them
         tokenizer, data = prepare_data(cfg)
-    seq_len = _sequence_length(tcfg.seq_len, data.meta)
+    seq_len = _sequence_length(cfg.train.seq_len, data.meta)
     if data.val.n_windows(seq_len) == 0:
         raise ValueError(
             f"the validation split holds {len(data.val)} tokens, fewer than one window of "
             f"train.seq_len={seq_len}; raise data.val_fraction (now "
             f"{cfg.data.val_fraction}) or data.holdout_tail")
+    return tokenizer, data, seq_len
+
+
+def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
+    """Distributed context, data, model (sized, kernels resolved, wrapped) and optimizer."""
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.train
+    dist = dist_utils.setup(tcfg.distributed)
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir), dist))  # rank 0's, everywhere
+    device = dist.device or pick_device(tcfg.device, "train.device")
+    amp_dtype = pick_dtype(tcfg.dtype, device)
+    if tcfg.batch_size % (tcfg.grad_accum * dist.world):
+        raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "
+                         f"train.grad_accum={tcfg.grad_accum} x world size {dist.world}")
+    torch.manual_seed(tcfg.seed)
+    tokenizer, data, seq_len = _load_run_data(cfg, dist)
     vocab_size = max(tokenizer.vocab_size, int(data.meta.get("vocab_size", 0)))
     model, fit = build_model(cfg.arch, cfg.size, vocab_size)
     kernel_paths = resolve_kernels(model, device)
     model.to(device)
     model.activation_checkpointing = tcfg.activation_checkpointing
     counts = model.param_counts()
-    arch_resolved = OmegaConf.to_container(model.arch, resolve=True)
-
-    tokens_per_step = tcfg.batch_size * seq_len
     budget = token_budget(tcfg, counts["total"])
-    total_steps = max(1, math.ceil(budget / tokens_per_step))
-    last_step = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
-    order = WindowOrder(data.train.n_windows(seq_len), tcfg.batch_size, tcfg.seed)
-
-    train_model = dist_utils.wrap(model, ctx_dist, tcfg.distributed)
+    total_steps = max(1, math.ceil(budget / (tcfg.batch_size * seq_len)))
+    train_model = dist_utils.wrap(model, dist, tcfg.distributed)
     forward = torch.compile(train_model) if tcfg.compile else train_model
     optimizer = build_optimizer(model, tcfg)  # after wrap: FSDP2 swaps parameters for shards
-    step = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    # Checkpoints hold full state, so a run saved on N ranks resumes on any number of them.
-    if tcfg.resume and (state := dist_utils.restore(run_dir, model, optimizer,
-                                                   ctx_dist)) is not None:
-        step = state["step"]
-        if is_main:
-            _truncate_metrics(metrics_path, step)
-            print(f"resumed from {state['checkpoint']} at step {step}")
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
-
+    train_step = TrainStep(
+        lambda inputs, ctx: forward(inputs, ctx=ctx), model.parameters, optimizer,
+        grad_clip=tcfg.grad_clip, grad_accum=tcfg.grad_accum, autocast_dtype=amp_dtype,
+        device_type=device.type, no_sync=lambda skip: dist_utils.maybe_no_sync(train_model, skip))
     meta = {
-        "arch": arch_resolved, "vocab_size": vocab_size, "config": to_container(cfg),
-        "tokenizer": tokenizer.identity, "param_counts": counts, "size_fit": fit.as_dict(),
-        "kernel_paths": kernel_paths, "data": data.meta,
+        "arch": OmegaConf.to_container(model.arch, resolve=True), "vocab_size": vocab_size,
+        "config": to_container(cfg), "tokenizer": tokenizer.identity, "param_counts": counts,
+        "size_fit": fit.as_dict(), "kernel_paths": kernel_paths, "data": data.meta,
     }
-    run_name = run_dir.name
-    logger = make_logger(cfg.logger, run_dir, run_name) if is_main else make_logger(
-        OmegaConf.create({"kind": "none"}), run_dir, run_name)
-    logger.log_params(to_container(cfg))
-    token_bytes = tokenizer.token_bytes()
-    if len(token_bytes) < vocab_size:  # task tokens beyond the tokenizer count one unit each
-        token_bytes = np.concatenate(
-            [token_bytes, np.ones(vocab_size - len(token_bytes), dtype=np.int64)])
+    return _Run(cfg=cfg, run_dir=run_dir, dist=dist, device=device, amp_dtype=amp_dtype,
+                tokenizer=tokenizer, data=data, seq_len=seq_len, model=model,
+                train_step=train_step,
+                order=WindowOrder(data.train.n_windows(seq_len), tcfg.batch_size, tcfg.seed),
+                budget=budget, total_steps=total_steps,
+                last_step=min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps,
+                meta=meta)
 
-    def evaluate_now() -> dict[str, Any]:
-        return split_metrics(model, data.val, seq_len, tcfg.batch_size, token_bytes,
-                             tcfg.eval_batches, device, autocast_dtype=amp_dtype)
 
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else nullcontext())
-    micro = tcfg.batch_size // (tcfg.grad_accum * world)
+def _resume(run: _Run) -> None:
+    """Continue from the run's last checkpoint (train.resume), else start a fresh metrics file.
+    Checkpoints hold full state, so a run saved on N ranks resumes on any number of them."""
+    if run.tcfg.resume and (state := dist_utils.restore(
+            run.run_dir, run.model, run.train_step.optimizer, run.dist)) is not None:
+        run.step = state["step"]
+        if run.is_main:
+            _truncate_metrics(run.metrics_path, run.step)
+            print(f"resumed from {state['checkpoint']} at step {run.step}")
+    elif run.is_main and run.metrics_path.exists():
+        run.metrics_path.unlink()
+
+
+def _start_logging(run: _Run) -> None:
+    """The experiment logger (rank 0 only) and the byte length of every token id for bpb."""
+    name = run.run_dir.name
+    run.logger = make_logger(run.cfg.logger, run.run_dir, name) if run.is_main else make_logger(
+        OmegaConf.create({"kind": "none"}), run.run_dir, name)
+    run.logger.log_params(to_container(run.cfg))
+    run.token_bytes = padded_token_bytes(run.tokenizer, run.meta["vocab_size"])
+
+
+def _batch(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (inputs, targets) of the current step, in the seed's window order."""
+    windows = run.data.train.windows(run.order.batch(run.step, run.dist.rank, run.dist.world),
+                                     run.seq_len)
+    if run.data.meta.get("targets_masked"):
+        inputs, targets = task_targets(run.data, windows)
+    else:
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+    return inputs.to(run.device), targets.to(run.device)
+
+
+def _log_step(run: _Run, losses: StepLosses, loss: float, lr: float, grad_norm: torch.Tensor,
+              throughput: float) -> None:
+    """One metrics.jsonl line (and the logger's metrics) for the step just taken."""
+    step, tokens_per_step = run.step, run.tokens_per_step
+    record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
+              "grad_norm": float(grad_norm), "tokens_per_s": throughput,
+              "flops": step * tokens_per_step * run.model.flops_per_token(run.seq_len)["train"],
+              **losses.aux_means()}
+    record.update(losses.layer_stat_summary())  # e.g. MoE expert_fraction_max / _min
+    append_jsonl(run.metrics_path, record)
+    run.logger.log_metrics(step, {k: v for k, v in record.items() if k != "step"})
+
+
+def _evaluate(run: _Run) -> None:
+    """Validation loss / bpb (and task accuracy) on the first validation windows. Under FSDP2
+    every forward gathers shards, so all ranks evaluate; rank 0 records."""
+    if run.is_main or run.dist.sharded:
+        run.last_eval = split_metrics(run.model, run.data.val, run.seq_len,
+                                      run.tcfg.batch_size, run.token_bytes,
+                                      run.tcfg.eval_batches, run.device,
+                                      autocast_dtype=run.amp_dtype)
+    if run.is_main:
+        val = {"step": run.step, "tokens": run.step * run.tokens_per_step,
+               "val_loss": run.last_eval["loss"], "val_bpb": run.last_eval["bpb"]}
+        if "accuracy" in run.last_eval:  # synthetic tasks: exact accuracy on the answers
+            val["val_accuracy"] = run.last_eval["accuracy"]
+        append_jsonl(run.metrics_path, val)
+        run.logger.log_metrics(run.step, {k: v for k, v in val.items() if k.startswith("val_")})
+
+
+def _loop(run: _Run, bar: Any) -> None:
+    """Train from `run.step` to `run.last_step`: log, evaluate and checkpoint on schedule."""
+    tcfg = run.tcfg
+    window_time, window_tokens = time.time(), 0
+    run.model.train()
+    while run.step < run.last_step:
+        lr = lr_at(run.step, run.total_steps, tcfg)
+        for group in run.train_step.optimizer.param_groups:
+            group["lr"] = lr
+        losses = run.train_step.accumulate(*_batch(run))
+        loss = dist_utils.mean_across(losses.loss(), run.dist)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"non-finite loss ({loss}) at step {run.step}; the last good checkpoint is "
+                f"kept in {run.run_dir / 'checkpoints'}; lower train.lr or check the data")
+        grad_norm = run.train_step.update()
+        run.step += 1
+        window_tokens += run.tokens_per_step
+        bar.update(1)
+        final = run.step == run.last_step
+        if run.is_main and (run.step % tcfg.log_every == 0 or final):
+            throughput = window_tokens / max(time.time() - window_time, 1e-9)
+            _log_step(run, losses, loss, lr, grad_norm, throughput)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput:.0f}")
+            window_time, window_tokens = time.time(), 0
+        if run.step % tcfg.eval_every == 0 or final:
+            _evaluate(run)
+        if run.step % tcfg.ckpt_every == 0 or final:
+            dist_utils.save(run.run_dir, run.step, run.model, run.train_step.optimizer,
+                            run.tokenizer, run.meta, run.dist)
+
+
+def _summary(run: _Run, status: str, error: str | None, wall: float, tokens_seen_start: int
+             ) -> dict[str, Any]:
+    """summary.json: the run's metadata, outcome, throughput and provenance."""
+    step, tokens_per_step = run.step, run.tokens_per_step
+    summary = {
+        **run.meta, "arch_config": run.meta["arch"],
+        "status": status, "run": run.run_dir.name, "arch": run.cfg.arch.name,
+        "size": run.cfg.size.name, "step": step, "total_steps": run.total_steps,
+        "tokens_seen": step * tokens_per_step, "tokens_budget": run.budget, "wall_time_s": wall,
+        "tokens_per_s": (step * tokens_per_step - tokens_seen_start) / max(wall, 1e-9),
+        "final": run.last_eval, "dtype": str(run.amp_dtype or torch.float32),
+        "seed": run.tcfg.seed, "layer_plan": [list(p) for p in run.model.plan],
+        "flops_per_token": run.model.flops_per_token(run.seq_len),
+        "provenance": provenance(run.device),
+    }
+    if error is not None:
+        summary["error"] = error
+    return summary
+
+
+def _finish(run: _Run, summary: dict[str, Any], outcome: dict[str, bool]) -> None:
+    """Write summary.json and the run's train record (once the run ended), ship the artifacts
+    to the logger and close it. Rank 0 only."""
+    status, error, last_eval = summary["status"], summary.get("error"), run.last_eval
+    if status != "running":
+        write_json_atomic(run.run_dir / "summary.json", summary)
+        record = {"kind": "train", **{k: summary[k] for k in (
+            "run", "arch", "size", "status", "tokens_seen", "wall_time_s", "tokens_per_s",
+            "param_counts", "kernel_paths", "seed", "tokenizer", "dtype")},
+            "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"),
+            "val_accuracy": last_eval.get("accuracy"), "seq_len": run.seq_len,
+            "provenance": summary["provenance"]}
+        if error is not None:
+            record["error"] = error
+        append_jsonl(run.run_dir / "records.jsonl", record)
+        outcome["recorded"] = True
+    for name in ("summary.json", "metrics.jsonl", "records.jsonl"):
+        if (run.run_dir / name).is_file():
+            run.logger.log_artifact(run.run_dir / name)
+    run.logger.close("FINISHED" if status == "finished" else "FAILED")
+
+
+def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
+                  ) -> dict[str, Any]:
+    run = _setup(cfg, Path(run_dir))
+    _resume(run)
+    _start_logging(run)
     started = time.time()
-    tokens_seen_start = step * tokens_per_step
-    status = "running"
-    error: str | None = None
+    tokens_seen_start = run.step * run.tokens_per_step
+    status, error = "running", None
     summary: dict[str, Any] = {}
-    last_eval: dict[str, Any] = {}
-    bar = tqdm(total=last_step, initial=step, disable=not (tcfg.progress and is_main),
+    bar = tqdm(total=run.last_step, initial=run.step,
+               disable=not (run.tcfg.progress and run.is_main),
                desc=f"{cfg.arch.name}", dynamic_ncols=True)
-    window_time = time.time()
-    window_tokens = 0
-    model.train()
     try:
-        while step < last_step:
-            lr = lr_at(step, total_steps, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            windows = data.train.windows(order.batch(step, rank, world), seq_len)
-            if data.meta.get("targets_masked"):
-                from archbench.train.tasks import task_targets
-
-                inputs, targets = task_targets(data, windows)
-            else:
-                inputs, targets = windows[:, :-1], windows[:, 1:]
-            inputs, targets = inputs.to(device), targets.to(device)
-            loss_sum = 0.0
-            aux_sums: dict[str, float] = {}
-            layer_stats: dict[str, list[torch.Tensor]] = {}
-            for m in range(tcfg.grad_accum):
-                sl = slice(m * micro, (m + 1) * micro)
-                fwd_ctx = ForwardContext()
-                with autocast, dist_utils.maybe_no_sync(train_model, m < tcfg.grad_accum - 1):
-                    logits = forward(inputs[sl], ctx=fwd_ctx)
-                    loss = lm_loss(logits, targets[sl])
-                    aux = fwd_ctx.aux_loss_terms()
-                    total = loss + sum(aux.values()) if aux else loss
-                for key, value in aux.items():  # read before backward (recompute may overwrite)
-                    aux_sums[key] = aux_sums.get(key, 0.0) + float(value.detach()) / tcfg.grad_accum
-                for name, values in fwd_ctx.stats_by_name().items():
-                    layer_stats.setdefault(name, []).extend(values)
-                (total / tcfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / tcfg.grad_accum
-            loss_value = dist_utils.mean_across(loss_sum, ctx_dist)
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint is "
-                    f"kept in {run_dir / 'checkpoints'}; lower train.lr or check the data")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip) \
-                if tcfg.grad_clip > 0 else torch.tensor(0.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_tokens += tokens_per_step
-            bar.update(1)
-            if is_main and (step % tcfg.log_every == 0 or step == last_step):
-                elapsed = time.time() - window_time
-                record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value,
-                          "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                          "flops": step * tokens_per_step * model.flops_per_token(
-                              seq_len)["train"], **aux_sums}
-                record.update(summarise_layer_stats(layer_stats))
-                append_jsonl(metrics_path, record)
-                logger.log_metrics(step, {k: v for k, v in record.items() if k != "step"})
-                bar.set_postfix(loss=f"{loss_value:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                window_time, window_tokens = time.time(), 0
-            # Under FSDP2 every forward gathers shards, so all ranks evaluate; rank 0 records.
-            if (is_main or ctx_dist.sharded) and (step % tcfg.eval_every == 0
-                                                  or step == last_step):
-                last_eval = evaluate_now()
-            if is_main and (step % tcfg.eval_every == 0 or step == last_step):
-                val = {"step": step, "tokens": step * tokens_per_step,
-                       "val_loss": last_eval["loss"], "val_bpb": last_eval["bpb"]}
-                if "accuracy" in last_eval:  # synthetic tasks: exact accuracy on the answers
-                    val["val_accuracy"] = last_eval["accuracy"]
-                append_jsonl(metrics_path, val)
-                logger.log_metrics(step, {k: v for k, v in val.items() if k.startswith("val_")})
-            if step % tcfg.ckpt_every == 0 or step == last_step:
-                dist_utils.save(run_dir, step, model, optimizer, tokenizer, meta, ctx_dist)
+        _loop(run, bar)
         status = "finished"
     except TrainingDiverged as exc:
         status, error = "diverged", error_text(exc)
@@ -284,36 +374,8 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
         raise
     finally:
         bar.close()
-        if is_main:
-            wall = time.time() - started
-            summary = {
-                **meta, "arch_config": meta["arch"],
-                "status": status, "run": run_name, "arch": cfg.arch.name, "size": cfg.size.name,
-                "step": step, "total_steps": total_steps, "tokens_seen": step * tokens_per_step,
-                "tokens_budget": budget, "wall_time_s": wall,
-                "tokens_per_s": (step * tokens_per_step - tokens_seen_start) / max(wall, 1e-9),
-                "final": last_eval, "dtype": str(amp_dtype or torch.float32),
-                "seed": tcfg.seed, "layer_plan": [list(p) for p in model.plan],
-                "flops_per_token": model.flops_per_token(seq_len),
-                "provenance": provenance(device),
-            }
-            if error is not None:
-                summary["error"] = error
-            if status != "running":
-                write_json_atomic(run_dir / "summary.json", summary)
-                record = {"kind": "train", **{k: summary[k] for k in (
-                    "run", "arch", "size", "status", "tokens_seen", "wall_time_s", "tokens_per_s",
-                    "param_counts", "kernel_paths", "seed", "tokenizer", "dtype")},
-                    "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"),
-                    "val_accuracy": last_eval.get("accuracy"), "seq_len": seq_len,
-                    "provenance": summary["provenance"]}
-                if error is not None:
-                    record["error"] = error
-                append_jsonl(run_dir / "records.jsonl", record)
-                outcome["recorded"] = True
-            for name in ("summary.json", "metrics.jsonl", "records.jsonl"):
-                if (run_dir / name).is_file():
-                    logger.log_artifact(run_dir / name)
-            logger.close("FINISHED" if status == "finished" else "FAILED")
-        dist_utils.teardown(ctx_dist)
+        if run.is_main:
+            summary = _summary(run, status, error, time.time() - started, tokens_seen_start)
+            _finish(run, summary, outcome)
+        dist_utils.teardown(run.dist)
     return summary

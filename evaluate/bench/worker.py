@@ -31,11 +31,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from archbench.archs import registry
-from archbench.archs.base import ForwardContext
 from archbench.evaluate.bench.devices import utilisation
 from archbench.evaluate.bench.flops import step_flops
 from archbench.evaluate.bench.measure import (
@@ -46,6 +44,7 @@ from archbench.evaluate.bench.measure import (
     time_step,
 )
 from archbench.evaluate.bench.memory import PeakMemory, limit_data
+from archbench.train.step import LogitsFn, TrainStep
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
@@ -110,9 +109,10 @@ def _time(task: dict[str, Any], device: torch.device, step: Callable[[], Any],
 
 
 def _train_step(
-    task: dict[str, Any], module: nn.Module, logits_fn: Callable[[torch.Tensor, dict], Any],
-    device: torch.device,
+    task: dict[str, Any], module: nn.Module, logits_fn: LogitsFn, device: torch.device,
 ) -> Callable[[], None]:
+    """The trainer's own step (train.step.TrainStep) on one random batch, as one timed unit:
+    the whole batch in one micro-batch (gradient accumulation would time a different batch)."""
     from archbench.train.optim import build_optimizer
 
     tcfg = SimpleNamespace(**task["train"])
@@ -121,20 +121,12 @@ def _train_step(
     tokens = _tokens(task["vocab_size"], batch, length + 1, task["seed"], device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     amp = DTYPES[task["dtype"]] if task["dtype"] != "fp32" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    train_step = TrainStep(logits_fn, module.parameters, optimizer, grad_clip=tcfg.grad_clip,
+                           autocast_dtype=amp, device_type=device.type)
     module.train()
 
     def step() -> None:
-        ctx = ForwardContext()
-        with autocast():
-            logits = logits_fn(inputs, ctx)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            total = loss + ctx.aux_loss()
-        total.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(inputs, targets)
 
     return step
 

@@ -35,7 +35,7 @@ from archbench.device import pick_device
 from archbench.evaluate.quality.perplexity import extrapolation_metrics, file_split
 from archbench.evaluate.records import EvalContext, make_record, write_records
 from archbench.train.checkpoint import find_checkpoint, load_model
-from archbench.train.metrics import split_metrics
+from archbench.train.metrics import padded_token_bytes, split_metrics
 from archbench.train.tasks import (
     TASKS,
     make_task,
@@ -120,9 +120,7 @@ class CheckpointEval:
 
     # ---- text ------------------------------------------------------------------------------------
     def _token_bytes(self) -> np.ndarray:
-        table = self.tokenizer.token_bytes()
-        extra = self.model.vocab_size - len(table)
-        return np.concatenate([table, np.ones(extra, dtype=np.int64)]) if extra > 0 else table
+        return padded_token_bytes(self.tokenizer, self.model.vocab_size)
 
     def _text_split(self) -> tuple[Any, dict[str, Any]]:
         if self.ecfg.file:
@@ -153,12 +151,12 @@ class CheckpointEval:
         e = self.ecfg
         m = split_metrics(self.model, split, self.seq_len, e.batch_size, self._token_bytes(),
                           e.max_batches, self.device, e.position_buckets, self.amp,
+                          per_window=True)
+        params = {**source, "context": self.seq_len}
         # per-window sums (the same first windows of the split for every backbone): the report
         # pairs them across backbones for a bootstrap interval on each difference
         windows = {"nats": m["window_nats"], "tokens": m["window_tokens"],
                    "bytes": m["window_bytes"]}
-                          per_window=True)
-        params = {**source, "context": self.seq_len}
         recs = [make_record(self.ctx, "bpb", "loss", m["loss"], params=params, n=m["tokens"]),
                 make_record(self.ctx, "bpb", "bpb", m["bpb"], params=params, n=m["bytes"],
                             windows=windows)]
