@@ -164,12 +164,13 @@ EOF
   } >> "$f"
 }
 
-s_versions() {  # after the installs: what each package resolves to, from where
+s_versions() {  # s_versions WHEN: versions of the packages; "after the builds" also imports them
   {
-    echo "== packages (after the campaign's installs; PYTHONPATH=$SITE)"
-    PYTHONPATH=$SITE "$PYTHON" -P - <<'EOF' 2>&1
+    echo "== packages ($1; PYTHONPATH=$SITE)"
+    PYTHONPATH=$SITE "$PYTHON" -P - "$1" <<'EOF' 2>&1
 import importlib
 import importlib.metadata as md
+import sys
 
 for dist in ("torch", "triton", "transformers", "einops", "hydra-core", "omegaconf",
              "antlr4-python3-runtime", "flash-linear-attention", "fla-core", "lm_eval",
@@ -178,6 +179,8 @@ for dist in ("torch", "triton", "transformers", "einops", "hydra-core", "omegaco
         print(f"{dist}=={md.version(dist)}")
     except md.PackageNotFoundError:
         print(f"{dist}: not installed")
+if sys.argv[1] != "after the builds":
+    sys.exit()
 for mod in ("hydra", "fla.ops.rwkv7", "lm_eval", "causal_conv1d_cuda", "selective_scan_cuda",
             "mamba_ssm.ops.triton.ssd_combined"):
     try:
@@ -487,7 +490,7 @@ main() {
   log "mode $MODE, budget ${BUDGET_S}s, python $PYTHON, OUT=$OUT, work folder $WORK"
   run_stage provenance "$(budget 30 "$RESERVE_FINAL")" 5 s_provenance
   run_stage install "$(budget 120 "$RESERVE_FINAL")" 10 s_install
-  run_stage versions_before_builds "$(budget 30 "$RESERVE_FINAL")" 5 s_versions
+  run_stage versions_before_builds "$(budget 30 "$RESERVE_FINAL")" 5 s_versions "before the builds"
   if [[ ! -x $ARCHBENCH ]]; then
     log "archbench did not install: the bench, compare and report stages cannot run"
   fi
@@ -528,7 +531,7 @@ main() {
   log "waiting for the CUDA builds (each stops at its own budget)"
   wait $BUILD_PIDS
   grep -E '^build_' "$OUT/stages.tsv" | cut -f1,2 | sed 's/^/    /' | tee -a "$OUT/campaign.log"
-  run_stage versions_after_builds "$(budget 30 "$RESERVE_FINAL")" 5 s_versions
+  run_stage versions_after_builds "$(budget 30 "$RESERVE_FINAL")" 5 s_versions "after the builds"
   run_stage tests_mamba "$(budget 120 $((RESERVE_FINAL + 60)))" 20 \
     s_tests mamba "mamba or jamba"
   pack tests tests "$LOGS_REL"
@@ -540,15 +543,26 @@ main() {
 
   run_stage compare "$(budget 400 "$RESERVE_FINAL")" 90 s_compare
   pack results results "$LOGS_REL"
-  run_stage report "$(budget 60 10)" 5 s_report
-  cp "$OUT/provenance.txt" "$OUT/stages.tsv" "$WORK/report/" 2> /dev/null
-  pack report report
+  if compgen -G "$WORK/results/*/*" > /dev/null; then
+    run_stage report "$(budget 60 10)" 5 s_report
+  else
+    log "stage report: skipped (no stage left results to report on)"
+    record report skipped - 0 0 "nothing finished to report on"
+  fi
+  cp "$OUT/provenance.txt" "$WORK/report/" 2> /dev/null && pack report report
   check_out 2>&1 | tee -a "$OUT/campaign.log"
-  local out_ok=${PIPESTATUS[0]}
+  local out_ok=${PIPESTATUS[0]} took
   record check_out "$([[ $out_ok == 0 ]] && echo ok || echo failed)" "$out_ok" 0 0 "what comes back"
-  cp "$OUT/campaign.log" "$WORK/report/" 2> /dev/null && pack report report
-  log "done in $(( $(date +%s) - START ))s; stages: $(cut -f2 "$OUT/stages.tsv" | tail -n +2 \
+  took=$(( $(date +%s) - START ))
+  if (( took <= BUDGET_S )); then
+    record budget ok 0 "$took" "$BUDGET_S" "finished within the budget"
+  else
+    record budget failed 1 "$took" "$BUDGET_S" "finished after the budget"
+  fi
+  log "done in ${took}s of ${BUDGET_S}s; stages: $(cut -f2 "$OUT/stages.tsv" | tail -n +2 \
       | sort | uniq -c | tr -s ' ' | paste -sd, -)"
+  # the report folder holds the campaign's own account too, so it can be committed as it is
+  cp "$OUT/campaign.log" "$OUT/stages.tsv" "$WORK/report/" 2> /dev/null && pack report report
   ! cut -f2 "$OUT/stages.tsv" | grep -qE '^(failed|timeout)$'
 }
 
