@@ -4,7 +4,6 @@ state size against context, and a tiny hybrid that learns.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from archbench.archs.sizing import solve_size
 from archbench.config import ConfigError, expand_period
 
 CONF = Path(archbench.conf.__file__).parent
-HAS_RWKV = importlib.util.find_spec("archbench.archs.rwkv") is not None
 
 
 def jamba(**overrides: object) -> object:
@@ -195,12 +193,6 @@ def test_mixed_pattern_decodes_like_the_full_forward_on_the_grouped_path() -> No
     model = mixed_model(MIXED, ["moe", "dense"], torch.float32, "auto")
     assert "grouped_mm" in model.kernel_paths()["mlp:moe"] or not hasattr(F, "grouped_mm")
     assert_decoding_matches(model, atol=1e-4)
-
-
-@pytest.mark.skipif(not HAS_RWKV, reason="archs/rwkv.py is not there yet")
-def test_mixed_pattern_with_rwkv7_decodes_like_the_full_forward() -> None:
-    model = mixed_model(["attention", "rwkv7", "mamba"], ["moe", "dense"], torch.float64, "torch")
-    assert_decoding_matches(model, atol=1e-6)
 
 
 # ---- a tiny hybrid learns ------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""RWKV-7: the chunked training form, the recurrent definition and decoding agree; the layer keeps
-RWKV-LM's initialisation; a tiny model learns to copy; unavailable kernels are errors."""
+"""RWKV-7: the chunked training form and the recurrent definition agree; the layer keeps RWKV-LM's
+initialisation; a tiny model learns to copy; unavailable kernels are errors. (Decoding = the full
+forward, state bytes, gradients: tests/test_mixer_contract.py.)"""
 
 from __future__ import annotations
 
@@ -132,33 +133,6 @@ def test_model_chunked_equals_recurrent_form() -> None:
             block.mixer.kernel_path = "torch:recurrent"
         recurrent = model(tokens)
     assert rel_err(chunked, recurrent) < 1e-5
-
-
-def test_decoding_token_by_token_gives_full_forward_logits() -> None:
-    model = perturbed_model(n_layers=3)
-    tokens = torch.randint(0, VOCAB, (2, 21))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = model.init_cache(2, 21)
-        steps = torch.cat([model(tokens[:, t : t + 1], cache) for t in range(21)], dim=1)
-        # The check has teeth: later logits depend on the first token through the state.
-        changed = tokens.clone()
-        changed[:, 0] = (changed[:, 0] + 1) % VOCAB
-        assert (model(changed)[:, -1] - full[:, -1]).abs().max() > 1e-3
-    assert (steps - full).abs().max() < 1e-4
-
-
-def test_prefill_in_pieces_gives_full_forward_logits() -> None:
-    model = perturbed_model(n_layers=2, chunk_size=4)
-    tokens = torch.randint(0, VOCAB, (2, 27))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = model.init_cache(2, 27)
-        pieces, start = [], 0
-        for size in (6, 1, 11, 2, 7):  # none a multiple of the chunk, one a single step
-            pieces.append(model(tokens[:, start : start + size], cache))
-            start += size
-    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
 
 
 def test_value_residual_comes_from_the_first_rwkv_layer() -> None:
