@@ -138,11 +138,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 8
-    max_batches: int | None = 32
-    position_buckets: int = 8
-    extrapolation: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
+    max_batches: int | None = 32  # text: windows scored = max_batches * batch_size, per backbone
+    position_buckets: int = 8  # loss by position: this many equal ranges of the window
+    extrapolation: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # x training context
+    # bpb | extrapolation | a synthetic task (train/tasks) | any lm-eval task name
+    tasks: list[str] = field(default_factory=lambda: ["bpb"])
+    limit: int | None = None  # lm-eval: examples per task (None: all)
     # evaluate/quality/runner.py: where the text comes from, where records go, task settings.
     device: str = "auto"
     use_ckpt_data: bool = True  # bpb on the checkpoint's own corpus (else on `data` of this cfg)

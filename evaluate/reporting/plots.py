@@ -19,8 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-# Fixed colours for the known backbones (colour-blind-friendly where possible), so the same
-# backbone looks the same in every report, not only within one.
+# Fixed colours for the first backbones (colour-blind-friendly where possible), so the same
+# backbone looks the same in every report, not only within one. Any other backbone (a new
+# conf/arch file) needs no entry: it gets a spare colour chosen from its name (_spare_colour).
 KNOWN_COLOURS = {
     "transformer": "#1f77b4",
     "gpt2": "#17becf",
@@ -42,13 +43,12 @@ class Styles:
     def __init__(self, labels: Iterable[tuple[str, str]]) -> None:
         """`labels`: (label, backbone) pairs; labels of one backbone share its colour."""
         self._style: dict[str, dict[str, Any]] = {}
-        spare = iter(SPARE_COLOURS)
         backbone_colour: dict[str, str] = {}
         variants: dict[str, int] = {}
         for label, backbone in sorted(set(labels)):
             if backbone not in backbone_colour:
-                backbone_colour[backbone] = KNOWN_COLOURS.get(backbone) or next(
-                    spare, _hashed_colour(backbone))
+                backbone_colour[backbone] = KNOWN_COLOURS.get(backbone) or _spare_colour(
+                    backbone, set(backbone_colour.values()))
             k = variants.get(backbone, 0)
             variants[backbone] = k + 1
             self._style[label] = {"color": backbone_colour[backbone],
@@ -67,6 +67,18 @@ class Styles:
 
 def _hashed_colour(name: str) -> str:
     return "#" + hashlib.sha1(name.encode()).hexdigest()[:6]
+
+
+def _spare_colour(name: str, taken: set[str]) -> str:
+    """The spare colour picked by the name's hash, so a backbone keeps it from report to report;
+    the next free spare when another backbone of this report has it already; a colour hashed from
+    the name when all spares are taken."""
+    start = int(hashlib.sha1(name.encode()).hexdigest(), 16) % len(SPARE_COLOURS)
+    for k in range(len(SPARE_COLOURS)):
+        colour = SPARE_COLOURS[(start + k) % len(SPARE_COLOURS)]
+        if colour not in taken:
+            return colour
+    return _hashed_colour(name)
 
 
 def spans_decades(values: Iterable[float], ratio: float = 20.0) -> bool:
