@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from archbench.device import cpu_name
+
 _OPTIONAL = ("mamba-ssm", "causal-conv1d", "flash-linear-attention", "transformers", "lm-eval",
              "hydra-core", "triton", "einops", "tokenizers", "safetensors")
 
@@ -61,7 +63,7 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     else:
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = cpu_name()
     return info
 
 

@@ -55,14 +55,9 @@ def _layer_summary(layers: list[str]) -> str:
 
 
 def print_info(cfg: Any) -> dict[str, Any]:
-    from archbench.train.tokenizer import ByteTokenizer, load_tokenizer
+    from archbench.train.tokenizer import vocab_size_of
 
-    if cfg.tokenizer.kind == "file":
-        vocab = load_tokenizer(cfg.tokenizer.path).vocab_size
-    elif cfg.tokenizer.kind == "bpe":
-        vocab = cfg.tokenizer.vocab_size
-    else:
-        vocab = ByteTokenizer().vocab_size
+    vocab = vocab_size_of(cfg.tokenizer)[0]
     info = describe(cfg, vocab)
     fit, params = info["fit"], info["params"]
     print(f"arch={info['arch']} size={info['size']}: d_model={info['d_model']} "

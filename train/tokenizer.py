@@ -157,6 +157,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return from_json(path.read_text(encoding="utf-8"))
 
 
+def vocab_size_of(cfg: Any) -> tuple[int, str | None]:
+    """The vocabulary size of `cfg.tokenizer` without a corpus (`archbench info`, benchmarks and
+    the size solver need no more), and a note when it is the configured rather than a built size:
+    a BPE tokenizer would have to be trained on the corpus first, so its configured size is used.
+    """
+    if cfg.kind == "bpe":
+        return int(cfg.vocab_size), "BPE tokenizer: vocab size taken from tokenizer.vocab_size"
+    return build_tokenizer(cfg).vocab_size, None
+
+
 def build_tokenizer(cfg: Any, corpus: Any | None = None) -> Tokenizer:
     """The tokenizer of `cfg.tokenizer`; BPE needs the corpus (trained once, then cached)."""
     if cfg.kind == "byte":

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from archbench.device import gpu_name
+
 # (pattern on torch.cuda.get_device_name, label, {precision: dense TFLOP/s}). The first match
 # wins, so the specific names (PCIe, NVL) come before the generic ones. "fp32" is the CUDA-core
 # rate (what fp32 matmuls get with torch's default "highest" precision); "tf32" applies when
@@ -51,16 +53,10 @@ def peak_tflops(device_name: str | None, dtype: str) -> tuple[float | None, str]
     return None, f"device {device_name!r} is not in the peak table (evaluate/bench/devices.py)"
 
 
-def device_name(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return None
-
-
 def utilisation(tflops: float | None, device: torch.device, dtype: str) -> dict[str, Any]:
     """MFU fields of a record: {'mfu', 'peak_tflops', 'peak_source'}; CPU gives None."""
     if device.type != "cuda":
         return {"mfu": None, "peak_tflops": None, "peak_source": "CPU: TFLOP/s only, no MFU"}
-    peak, source = peak_tflops(device_name(device), dtype)
+    peak, source = peak_tflops(gpu_name(device), dtype)
     mfu = tflops / peak if (peak and tflops is not None) else None
     return {"mfu": mfu, "peak_tflops": peak, "peak_source": source}

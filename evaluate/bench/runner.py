@@ -96,13 +96,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from archbench.config import ConfigError, to_container, validate
-from archbench.device import pick_device
+from archbench.device import dtype_name, gpu_name, pick_device
 from archbench.io import append_jsonl, read_jsonl, write_text_atomic
 from archbench.provenance import provenance
+from archbench.train.tokenizer import vocab_size_of
 
 MODES = ("train", "prefill", "decode", "memory")
 PEER_MODES = ("train", "prefill", "decode")
@@ -126,21 +126,6 @@ CSV_COLUMNS = (
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
     "peer_ratio", "peer_ratio_basis", "probe", "error", "notes",
 )
-
-
-def pick_dtype(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
-
-
-def vocab_size_of(tok_cfg: Any) -> tuple[int, str | None]:
-    """The vocabulary size (all a benchmark needs of the tokenizer), and a note if inferred."""
-    if tok_cfg.kind == "bpe":  # training it would need the corpus; its size is in the config
-        return int(tok_cfg.vocab_size), "BPE tokenizer: vocab size taken from tokenizer.vocab_size"
-    from archbench.train.tokenizer import build_tokenizer
-
-    return build_tokenizer(tok_cfg).vocab_size, None
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -179,7 +164,7 @@ class Bench:
         self.bench = cfg.bench
         self.modes = _check_bench(self.bench)
         self.device = pick_device(self.bench.device, "bench.device")
-        self.dtype = pick_dtype(self.bench.dtype, self.device)
+        self.dtype = dtype_name(self.bench.dtype, self.device, "bench.dtype")
         self.vocab_size, vocab_note = vocab_size_of(cfg.tokenizer)
         self.arch, self.fit = solve_size(cfg.arch, cfg.size, self.vocab_size)
         self.notes = [vocab_note] if vocab_note else []
@@ -223,8 +208,7 @@ class Bench:
             d_model=int(self.arch.d_model), n_layers=int(self.arch.n_layers),
             size_fit=self.fit.as_dict(), context=context, batch=batch, dtype=self.dtype,
             device=str(self.device), notes=[*self.notes, *result.get("notes", [])],
-            device_name=(torch.cuda.get_device_name(self.device)
-                         if self.device.type == "cuda" else None),
+            device_name=gpu_name(self.device),
             peer=peer, provenance=self.provenance, config=self.config,
         )
         if "traceback" in result and rec["status"] == "error":

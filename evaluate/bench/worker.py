@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from archbench.archs import registry
+from archbench.device import DTYPES
 from archbench.evaluate.bench.devices import utilisation
 from archbench.evaluate.bench.flops import step_flops
 from archbench.evaluate.bench.measure import (
@@ -46,7 +47,6 @@ from archbench.evaluate.bench.measure import (
 from archbench.evaluate.bench.memory import PeakMemory, limit_data
 from archbench.train.step import LogitsFn, TrainStep
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
 
 # Every registered mixer module, imported here so that the forkserver (which preloads this module)

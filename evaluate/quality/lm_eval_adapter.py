@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from lm_eval.api.model import LM
 
+from archbench.device import autocast_dtype
 from archbench.evaluate.generation.generate import Sampling, generate
 from archbench.evaluate.quality.perplexity import document_logprobs, score_continuations
 from archbench.train.tasks.base import position_limit
@@ -42,8 +43,6 @@ from archbench.train.tasks.passkey import draw_needles, hide_needles, needle_tex
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LOCAL_TASKS = ("archbench_heldout", "archbench_passkey", "archbench_passkey_multikey",
                "archbench_kv_recall")
-_DTYPES = {None: None, "": None, "fp32": None, "float32": None, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -86,9 +85,8 @@ class ArchbenchLM(LM):
         except ValueError as exc:
             raise ValueError(f"batch_size={batch_size!r}: give a number of sequences "
                              "(automatic batch sizing is not supported)") from exc
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {[k for k in _DTYPES if k]}")
-        self.autocast = _DTYPES[dtype]
+        self.autocast = (None if dtype in (None, "") else
+                         autocast_dtype(str(dtype), self._device, "model_args dtype"))
         limit = position_limit(model)
         self.max_length = int(max_length) if max_length not in (None, "", "None") else limit
         if limit is not None and self.max_length > limit:

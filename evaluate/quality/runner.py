@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from archbench.device import pick_device
+from archbench.device import autocast_dtype, pick_device
 from archbench.evaluate.quality.perplexity import extrapolation_metrics, file_split
 from archbench.evaluate.records import EvalContext, make_record, write_records
 from archbench.train.checkpoint import find_checkpoint, load_model
@@ -68,9 +68,7 @@ def expand_checkpoints(spec: str) -> list[Path]:
 def _autocast_dtype(state: dict[str, Any], device: torch.device) -> torch.dtype | None:
     """The precision the checkpoint was trained in (bf16 autocast on CUDA by default)."""
     name = ((state.get("config") or {}).get("train") or {}).get("dtype", "auto")
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return autocast_dtype(name, device, "the checkpoint's train.dtype")
 
 
 def _plain(node: Any) -> Any:
