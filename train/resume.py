@@ -220,6 +220,27 @@ def plan_start(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> StartPla
     return StartPlan(cfg, message)
 
 
+def check_checkpoint_fits(run_dir: Path, tokenizer: Any, arch: dict[str, Any]) -> None:
+    """Before a resume loads anything: the checkpoint was trained with this tokenizer (fairness
+    rule 1) and this model. Kernel choices may differ (same weights, same math). Raises
+    CheckpointError naming what differs; the Python API gets the same refusal as the CLI."""
+    from archbench.train.checkpoint import (
+        CheckpointError,
+        check_tokenizer,
+        find_checkpoint,
+        load_state,
+    )
+
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    check_tokenizer(ckpt, tokenizer)
+    saved = load_state(ckpt).get("arch") or {}
+    diffs = differences({"arch": saved}, {"arch": arch})
+    if diffs:
+        raise CheckpointError(f"{ckpt} holds another model: {describe(diffs)}")
+
+
 def record_subdir(output_dir: str) -> str:
     """Hydra's `output_subdir`: `.hydra` for the first start of a folder, a new folder under
     `.hydra/starts/` for every later one, so the first command's record is never overwritten."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
-from archbench.device import autocast_dtype, pick_device
+from archbench.device import pick_device
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.provenance import provenance
 from archbench.train import distributed as dist_utils
@@ -40,6 +40,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint stays in place."""
 
 
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on CUDA, none (fp32) on CPU by default."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def token_budget(cfg: Any, params: int) -> int:
@@ -82,9 +89,11 @@ def record_failure(cfg: DictConfig, run_dir: str | Path, exc: BaseException) -> 
     config error in a sweep) still leaves summary.json and a record saying why, so a sweep goes
     on and the report lists it; re-running the sweep retries it (only finished runs are skipped).
     """
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
+    from archbench.train.resume import holds_a_run
+
     run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", 0)) != 0 or holds_a_run(run_dir):
+        return  # a failed start (or resume) leaves the record of the run already there as it was
     error = error_text(exc)
     summary = {"status": "failed", "error": error, "run": run_dir.name,
                "arch": cfg.arch.name, "size": cfg.size.name, "seed": cfg.train.seed,
@@ -172,7 +181,7 @@ def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
     dist = dist_utils.setup(tcfg.distributed)
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), dist))  # rank 0's, everywhere
     device = dist.device or pick_device(tcfg.device, "train.device")
-    amp_dtype = autocast_dtype(tcfg.dtype, device, "train.dtype")
+    amp_dtype = pick_dtype(tcfg.dtype, device)
     if tcfg.batch_size % (tcfg.grad_accum * dist.world):
         raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "
                          f"train.grad_accum={tcfg.grad_accum} x world size {dist.world}")
@@ -210,6 +219,10 @@ def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
 def _resume(run: _Run) -> None:
     """Continue from the run's last checkpoint (train.resume), else start a fresh metrics file.
     Checkpoints hold full state, so a run saved on N ranks resumes on any number of them."""
+    if run.tcfg.resume and run.is_main:  # a checkpoint of another tokenizer or model: refused
+        from archbench.train.resume import check_checkpoint_fits
+
+        check_checkpoint_fits(run.run_dir, run.tokenizer, run.meta["arch"])
     if run.tcfg.resume and (state := dist_utils.restore(
             run.run_dir, run.model, run.train_step.optimizer, run.dist)) is not None:
         run.step = state["step"]
