@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.fftconv import fft_causal_conv
 from archbench.archs.model import residual_std
+from archbench.archs.registry import register_mixer
 from archbench.archs.s4d import (
     TORCH_PATH,
     DiagonalSSM,
@@ -52,8 +53,9 @@ class H3Config:
     kernels: str = "auto"  # auto | torch (FFT convolution; the only path)
 
 
-def check_h3(cfg: Any, d_model: int | None = None) -> None:
-    """H3's settings as config errors naming the field (d_model checked when known)."""
+def check_h3(arch: Any) -> None:
+    """H3's settings as config errors naming the field (d_model checked when it is set)."""
+    cfg, d_model = arch.h3, arch.d_model
     check_ssm_settings("arch.h3", cfg.d_state, cfg.init, cfg.dt_min, cfg.dt_max, cfg.ssm_lr)
     if cfg.head_dim < 1:
         raise ConfigError(f"arch.h3.head_dim={cfg.head_dim} is not allowed; it must be >= 1")
@@ -72,6 +74,8 @@ class H3State(LayerState):
     length: int = 0
 
 
+@register_mixer("h3", config=H3Config, kernels=("auto", "torch"), validate=check_h3,
+                width_divisor=lambda arch: int(arch.h3.head_dim))
 class H3(Sublayer):
     """H3 mixer: shift SSM on K, K.V outer product per head, diagonal SSM, gating by Q."""
 
@@ -80,9 +84,9 @@ class H3(Sublayer):
 
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()
+        check_h3(arch)
         cfg = arch.h3
         d = arch.d_model
-        check_h3(cfg, d)
         self.layer_idx, self.d_model, self.kernels = layer_idx, d, cfg.kernels
         self.head_dim, self.n_heads, self.taps = cfg.head_dim, d // cfg.head_dim, cfg.d_state
         self.ssm_lr = cfg.ssm_lr
@@ -160,7 +164,7 @@ class H3(Sublayer):
         return out + self.shift_D.unsqueeze(-1) * k
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None,
-                ctx: dict[str, Any] | None = None) -> torch.Tensor:
+                ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, H3State) else None
         if st is not None and x.shape[1] == 1:
             return self._step(x, st)

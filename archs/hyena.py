@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.fftconv import fft_causal_conv
 from archbench.archs.model import residual_std
+from archbench.archs.registry import register_mixer
 from archbench.archs.s4d import TORCH_PATH, fft_flops_per_channel, state_real_dtype
 from archbench.config import ConfigError
 
@@ -49,8 +50,9 @@ class HyenaConfig:
     kernels: str = "auto"  # auto | torch (FFT convolution; the only path)
 
 
-def check_hyena(cfg: Any) -> None:
+def check_hyena(arch: Any) -> None:
     """Hyena's settings as config errors naming the field."""
+    cfg = arch.hyena
     for key in ("order", "short_conv", "filter_width", "l_max"):
         value = getattr(cfg, key)
         if value < 1:
@@ -124,6 +126,7 @@ class HyenaState(LayerState):
     length: int = 0
 
 
+@register_mixer("hyena", config=HyenaConfig, kernels=("auto", "torch"), validate=check_hyena)
 class Hyena(Sublayer):
     """Hyena operator of order N (default 2) with implicit long filters."""
 
@@ -132,8 +135,8 @@ class Hyena(Sublayer):
 
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()
+        check_hyena(arch)
         cfg = arch.hyena
-        check_hyena(cfg)
         d = arch.d_model
         self.layer_idx, self.d_model, self.kernels = layer_idx, d, cfg.kernels
         self.order, self.width = cfg.order, cfg.short_conv
@@ -207,7 +210,7 @@ class Hyena(Sublayer):
         return out + self.filter_bias[n].unsqueeze(-1) * z
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None,
-                ctx: dict[str, Any] | None = None) -> torch.Tensor:
+                ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, HyenaState) else None
         length = x.shape[1]
         if st is not None and st.length + length > st.history.shape[-1]:

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.archs.base import LayerState, Sublayer, require_kernels
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
 from archbench.archs.kernels.fftconv import fft_causal_conv
 from archbench.archs.model import residual_std
+from archbench.archs.registry import register_mixer
 from archbench.config import ConfigError
 
 S4D_INITS = ("lin", "inv")
@@ -72,6 +73,11 @@ def fft_flops_per_channel(context: int) -> float:
     length = max(context, 1)
     n = 2 * length
     return (3 * 2.5 * n * math.log2(n) + 3 * n) / length
+
+
+def check_s4d(arch: Any) -> None:
+    cfg = arch.s4d
+    check_ssm_settings("arch.s4d", cfg.d_state, cfg.init, cfg.dt_min, cfg.dt_max, cfg.ssm_lr)
 
 
 class DiagonalSSM(nn.Module):
@@ -155,6 +161,7 @@ class S4DState(LayerState):
     length: int = 0
 
 
+@register_mixer("s4d", config=S4DConfig, kernels=("auto", "torch"), validate=check_s4d)
 class S4D(Sublayer):
     """S4D mixer: per-channel diagonal SSM + D skip, GELU, linear to 2d and GLU."""
 
@@ -163,8 +170,8 @@ class S4D(Sublayer):
 
     def __init__(self, arch: Any, layer_idx: int) -> None:
         super().__init__()
+        check_s4d(arch)
         cfg = arch.s4d
-        check_ssm_settings("arch.s4d", cfg.d_state, cfg.init, cfg.dt_min, cfg.dt_max, cfg.ssm_lr)
         d = arch.d_model
         self.layer_idx, self.d_model, self.kernels = layer_idx, d, cfg.kernels
         self.ssm_lr = cfg.ssm_lr
@@ -201,7 +208,7 @@ class S4D(Sublayer):
         return self.d_model * (fft_flops_per_channel(context) + 8 * self.ssm.modes + 12)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None,
-                ctx: dict[str, Any] | None = None) -> torch.Tensor:
+                ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, S4DState) else None
         u = x.transpose(1, 2)  # (B, d, L)
         if st is not None and x.shape[1] == 1:
