@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from archbench.config import ConfigError, register_schema, validate
 from archbench.config_keys import check_known_keys
-from archbench.runlock import RunFolderLocked, run_folder_lock
+from archbench.runlock import run_folder_lock
 from archbench.train.resume import record_subdir
 
 register_schema()
@@ -91,10 +91,9 @@ def _checked(fn: Callable[[DictConfig], Any],
 
 def _said_in_full(exc: BaseException) -> bool:
     """Errors whose message names the file or folder and the fix (a corrupt or mismatched
-    checkpoint, a folder another process writes): one line, no traceback."""
-    checkpoint = sys.modules.get("archbench.train.checkpoint")
-    return isinstance(exc, RunFolderLocked) or (
-        checkpoint is not None and isinstance(exc, checkpoint.CheckpointError))
+    checkpoint, a folder another process writes, evaluations that failed and were recorded):
+    one line, no traceback. Those classes set `one_line = True`."""
+    return bool(getattr(exc, "one_line", False))
 
 
 def _record_train_failure(cfg: DictConfig, exc: Exception) -> None:

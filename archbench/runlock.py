@@ -23,6 +23,8 @@ LOCK_NAME = ".archbench.lock"
 class RunFolderLocked(RuntimeError):
     """Another live process is writing this run folder."""
 
+    one_line = True  # the message names the folder, the holder and what to do
+
 
 def _holder(lock_path: Path) -> str:
     try:

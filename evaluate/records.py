@@ -16,7 +16,8 @@ Every evaluator appends JSON lines to `<run dir>/records.jsonl` (or the file giv
                   lm_eval:             the harness's metric name ("acc", "bits_per_byte", ...)
     value       a float, or null when `status` is not "ok"
     status      "ok" | "not_supported" (e.g. learned positions past their limit) | "oom" |
-                "nonfinite" (the harness returned inf / nan, e.g. an overflowing perplexity)
+                "nonfinite" (the harness returned inf / nan, e.g. an overflowing perplexity) |
+                "failed" (the evaluation raised; metric "error", reason holds the error)
     reason      why, when status is not "ok"
     params      the setting: task parameters (seq_len, num_kv_pairs, vocab_size, depth, ...),
                 the evaluation context (`context`, `multiple`), position bucket (`start`, `end`),
@@ -47,7 +48,7 @@ from typing import Any
 from archbench.io import append_jsonl
 from archbench.provenance import provenance
 
-STATUSES = ("ok", "not_supported", "oom", "nonfinite")
+STATUSES = ("ok", "not_supported", "oom", "nonfinite", "failed")
 
 
 class EvalContext:

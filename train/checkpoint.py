@@ -46,6 +46,8 @@ REQUIRED = ("model.safetensors", "state.json", "tokenizer.json")
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the model or tokenizer."""
 
+    one_line = True  # the message names the file and what is wrong: the CLI prints it alone
+
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the tied head duplicate (safetensors refuses shared storage)."""

@@ -6,7 +6,7 @@ calls `lm_eval.simple_evaluate` with the local task folder included.
 The lm-eval command line: lm-eval 0.4 finds models only in its own registry (no plugin entry
 points), and `--include_path` only indexes task YAML, so the registration must run before the
 harness looks the name up. This module is a drop-in for the `lm-eval` command that does exactly
-that, and adds the local task folder when no `--include_path` is given (run it outside the source
+that, and includes the local task folder beside any `--include_path` (run it outside the source
 checkout: a local `evaluate/` folder would shadow Hugging Face's `evaluate`):
 
     python -m archbench.evaluate.quality.lm_eval_adapter run --model archbench \
@@ -22,6 +22,7 @@ looks right); generation goes through `generate.generate`, which never pads insi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -207,10 +208,36 @@ def register() -> None:
         raise RuntimeError(f"lm-eval model 'archbench' is already registered as {current}")
 
 
-def task_manager(include: Sequence[str | Path] = ()) -> Any:
+@functools.lru_cache(maxsize=4)
+def task_manager(include: tuple[str, ...] = ()) -> Any:
+    """Indexing every task YAML takes seconds: built once per process (per include list), so
+    running tasks one at a time after a failure costs no more indexing."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include)])
+    return TaskManager(include_path=[str(TASKS_DIR), *include])
+
+
+def always_include_local_tasks() -> None:
+    """Make every TaskManager the harness builds include the local task folder beside the
+    user's `--include_path` (the flag takes one folder, and giving it used to drop the local
+    tasks)."""
+    import lm_eval.tasks
+
+    base = lm_eval.tasks.TaskManager
+    if getattr(base, "archbench_local_tasks", False):
+        return
+
+    class WithLocalTasks(base):  # type: ignore[misc, valid-type]
+        archbench_local_tasks = True
+
+        def __init__(self, *args: Any, include_path: Any = None, **kwargs: Any) -> None:
+            paths = [] if include_path is None else (
+                list(include_path) if isinstance(include_path, (list, tuple)) else [include_path])
+            if str(TASKS_DIR) not in map(str, paths):
+                paths.insert(0, str(TASKS_DIR))
+            super().__init__(*args, include_path=paths, **kwargs)
+
+    lm_eval.tasks.TaskManager = WithLocalTasks
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
@@ -337,9 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] == "write-tasks":
         print(write_local_tasks(args[1] if len(args) > 1 else TASKS_DIR))
         return
-    if args and args[0] not in ("-h", "--help") and not any(
-            a == "--include_path" or a.startswith("--include_path=") for a in args):
-        args += ["--include_path", str(TASKS_DIR)]
+    always_include_local_tasks()
     sys.argv = ["lm-eval", *args]
     cli_evaluate()
 

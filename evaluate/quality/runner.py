@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from archbench.device import autocast_dtype, pick_device
 from archbench.evaluate.quality.perplexity import extrapolation_metrics, file_split
 from archbench.evaluate.records import EvalContext, make_record, write_records
+from archbench.progress import Progress
 from archbench.train.checkpoint import find_checkpoint, load_model
 from archbench.train.metrics import padded_token_bytes, split_metrics
 from archbench.train.tasks import (
@@ -46,6 +47,12 @@ from archbench.train.tasks import (
 )
 
 TEXT_EVALS = ("bpb", "extrapolation")
+
+
+class EvaluationsFailed(RuntimeError):
+    """Some evaluations failed (each recorded with its error); the others wrote their records."""
+
+    one_line = True  # archbench.cli prints the message alone: every failure is named in it
 
 
 def expand_checkpoints(spec: str) -> list[Path]:
@@ -284,19 +291,48 @@ class CheckpointEval:
                                     params=params, n=row["n"], stderr=row["stderr"]))
         self.emit(recs)
 
+    def _isolated(self, name: str, work: Any) -> bool:
+        """Run one evaluation; a failure (a dataset out of reach, a bad parameter) is recorded
+        with its error and the next evaluation still runs."""
+        try:
+            work()
+            return True
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failures.append(f"{self.ctx.run}: {name} ({error})")
+            self.emit([make_record(self.ctx, name, "error", None, status="failed",
+                                   reason=error)])
+            return False
+
+    def _lm_eval_isolated(self, tasks: list[str], progress: Progress) -> None:
+        """All lm-eval tasks in one harness call; when that fails, one call per task, so the
+        tasks that can run still write their records."""
+        progress.start(f"lm-eval {','.join(tasks)}")
+        try:
+            self.lm_eval(tasks)
+        except Exception:
+            if len(tasks) == 1:
+                self._isolated(tasks[0], lambda: self.lm_eval(tasks))
+            else:
+                for task in tasks:
+                    self._isolated(task, lambda task=task: self.lm_eval([task]))
+        progress.advance("lm-eval", units=len(tasks))
+
     def run(self, names: list[str]) -> list[dict[str, Any]]:
+        self.failures: list[str] = []
+        progress = Progress(len(names), f"eval {self.ctx.run}")
         lm_tasks = []
         for name in names:
-            if name == "bpb":
-                self.bpb()
-            elif name == "extrapolation":
-                self.extrapolation()
-            elif name in task_names():
-                self.synthetic(name)
+            if name in TEXT_EVALS or name in task_names():
+                progress.start(name)
+                work = getattr(self, name) if name in TEXT_EVALS else \
+                    (lambda name=name: self.synthetic(name))
+                self._isolated(name, work)
+                progress.advance(name)
             else:
                 lm_tasks.append(name)
         if lm_tasks:
-            self.lm_eval(lm_tasks)
+            self._lm_eval_isolated(lm_tasks, progress)
         return self.records
 
 
@@ -308,6 +344,16 @@ def run_eval(cfg: DictConfig) -> list[dict[str, Any]]:
     if int(cfg.eval.n_examples) < 1:
         raise ValueError(f"eval.n_examples={cfg.eval.n_examples} must be >= 1")
     records: list[dict[str, Any]] = []
+    failures: list[str] = []
     for path in expand_checkpoints(str(cfg.ckpt)):
-        records += CheckpointEval(cfg, path).run(names)
+        try:
+            evaluation = CheckpointEval(cfg, path)
+        except Exception as exc:  # a corrupt checkpoint of one run of a sweep
+            failures.append(f"{path}: not loaded ({type(exc).__name__}: {exc})")
+            continue
+        records += evaluation.run(names)
+        failures += evaluation.failures
+    if failures:
+        raise EvaluationsFailed(f"{len(failures)} evaluation(s) failed, the others wrote their "
+                                "records: " + "; ".join(failures))
     return records
