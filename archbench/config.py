@@ -24,7 +24,7 @@ SIZE_METRICS = ("non_embedding", "active", "total", "flops")
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 TOKENIZER_KINDS = ("byte", "bpe", "file")
-DATA_SOURCES = ("stdlib", "path", "hf", "task")
+DATA_SOURCES = ("stdlib", "path", "shakespeare", "hf", "task")
 
 
 class ConfigError(ValueError):

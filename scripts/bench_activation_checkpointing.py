@@ -4,7 +4,7 @@ A benchmark, not a test: it prints, it asserts nothing.
     .venv/bin/python scripts/bench_activation_checkpointing.py --arch transformer --size tiny \
         --context 2048 --batch 4
 
-Protocol (DESIGN.md section 3, memory on CPU): every measurement runs in a fresh process, so the
+Protocol (docs/design.md 3, memory on CPU): every measurement runs in a fresh process, so the
 peak resident set size (ru_maxrss) belongs to that configuration alone. The child builds the
 model, runs one warm-up step at a short context (so that lazily allocated kernels and allocator
 pools exist), records its resident size, then runs one forward + backward + AdamW step at the

@@ -8,7 +8,7 @@ the spread (min..max) of the repeats; ratios are ours / theirs (> 1: ours is fas
 the two models' logits are compared so a speed-up can never come from computing something else.
 
 Run from outside the repo root (so the local `evaluate/` folder does not shadow HF's):
-    cd /tmp && /work/main/.venv/bin/python /work/main/scripts/bench_mamba_cpu.py
+    REPO=$PWD; cd /tmp && $REPO/.venv/bin/python $REPO/scripts/bench_mamba_cpu.py
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def timed_pair(
 ) -> dict[str, list[float]]:
     """Warm up each, then alternate the timed calls so load from other processes hits both alike.
 
-    Protocol (DESIGN.md 3): at least `warmup` warm-up calls and `repeats` timed calls each, except
-    that a side whose single call exceeds `slow_s` seconds stops warming up after one call and
-    stops timing once its timed calls add up to `budget_s` (HF's Mamba-1 training step takes
+    Protocol (docs/design.md 3): at least `warmup` warm-up calls and `repeats` timed calls each,
+    except that a side whose single call exceeds `slow_s` seconds stops warming up after one call
+    and stops timing once its timed calls add up to `budget_s` (HF's Mamba-1 training step takes
     minutes at seq 512, where the protocol's 10 repeats would take an hour).
     """
     for fn in fns.values():

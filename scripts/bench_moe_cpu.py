@@ -3,7 +3,7 @@ with the same active parameters. A benchmark, not a test: it prints, it asserts 
 
     .venv/bin/python scripts/bench_moe_cpu.py --d-model 256 --tokens 2048 --threads 2
 
-Protocol (DESIGN.md section 3): warm-up iterations, then at least `--repeats` timed rounds and at
+Protocol (docs/design.md 3): warm-up iterations, then at least `--repeats` timed rounds and at
 least `--min-seconds`, the cases interleaved round by round (shared cores change load); the median
 and the min..max spread are quoted. The dense baseline is a
 SwiGLU of hidden top_k * expert_hidden, i.e. the expert weights a token touches; the router

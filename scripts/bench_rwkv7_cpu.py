@@ -4,11 +4,11 @@ recurrent form.
 Times forward + backward of one RWKV-7 time-mix layer (projections, LoRAs, WKV, group norm) at
 batch 1 and small width, once with the chunked WKV (`torch:chunked`, what training uses) and
 once with the step-by-step definition (`torch:recurrent`), over a range of lengths. Protocol of
-DESIGN.md section 3: warm-up iterations, then at least `--repeats` iterations and `--min-seconds`
+docs/design.md 3: warm-up iterations, then at least `--repeats` iterations and `--min-seconds`
 seconds; the median and the spread (min..max) are quoted. `--op wkv` times the WKV operator alone.
 
 Run it from outside the repository root (the local evaluate/ folder shadows Hugging Face's), e.g.
-`cd /tmp && /work/main/.venv/bin/python /work/main/scripts/bench_rwkv7_cpu.py`.
+`REPO=$PWD; cd /tmp && $REPO/.venv/bin/python $REPO/scripts/bench_rwkv7_cpu.py`.
 """
 
 from __future__ import annotations

@@ -207,9 +207,80 @@ class HFDatasetCorpus(Corpus):
         return {**super().describe(), "hf_path": self.hf_path}
 
 
+@dataclass(frozen=True)
+class Download:
+    """A corpus file fetched once into the cache folder and pinned by its SHA-256, so every
+    machine that trains on it trains on the same bytes."""
+
+    name: str
+    url: str
+    sha256: str
+    n_bytes: int
+    filename: str
+
+
+# tinyshakespeare from char-rnn's repository, the file nanoGPT's shakespeare_char downloads.
+SHAKESPEARE = Download(
+    name="shakespeare",
+    url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    n_bytes=1_115_394,
+    filename="tinyshakespeare.txt",
+)
+
+
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch(download: Download, cache_dir: str | Path, timeout_s: float = 60.0) -> Path:
+    """The downloaded file in `cache_dir`/downloads, fetched on first use and checked against
+    its SHA-256 (a cached copy that no longer matches is fetched again). Without network, or when
+    the bytes differ, the error says how to pass a local copy instead (`data.path=`)."""
+    import urllib.request
+
+    target = Path(cache_dir) / "downloads" / download.filename
+    if target.is_file() and _sha256_of(target) == download.sha256:
+        return target
+    offline = f"pass a local copy of the file with data.path=/path/to/{download.filename}"
+    try:
+        with urllib.request.urlopen(download.url, timeout=timeout_s) as response:
+            data = response.read()
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        raise DataError(f"data={download.name}: cannot download {download.url} ({exc}); "
+                        f"{offline}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != download.sha256:
+        raise DataError(
+            f"data={download.name}: {download.url} gave {len(data)} bytes with SHA-256 {digest}, "
+            f"expected {download.n_bytes} bytes with SHA-256 {download.sha256} (the file changed "
+            f"or the transfer was cut); {offline}")
+    write_atomic(target, data)
+    return target
+
+
+class DownloadedCorpus(PathCorpus):
+    """A pinned download (see `Download`), or the local copy given by `data.path`."""
+
+    def __init__(self, download: Download, path: str | Path | None, cache_dir: str | Path,
+                 max_bytes: int | None = None) -> None:
+        self.download = download
+        self.name = download.name
+        super().__init__(path if path else fetch(download, cache_dir), max_bytes=max_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "url": self.download.url,
+                "expected_sha256": self.download.sha256}
+
+
+DOWNLOADS = {SHAKESPEARE.name: SHAKESPEARE}
+
+
 def build_corpus(cfg: Any) -> Corpus:
     if cfg.source == "stdlib":
         return StdlibCorpus(cfg.max_bytes)
+    if cfg.source in DOWNLOADS:
+        return DownloadedCorpus(DOWNLOADS[cfg.source], cfg.path, cfg.cache_dir, cfg.max_bytes)
     if cfg.source == "path":
         return PathCorpus(cfg.path, cfg.text_field, cfg.max_bytes)
     if cfg.source == "hf":

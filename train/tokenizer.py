@@ -1,4 +1,4 @@
-"""One tokenizer shared by every backbone of a comparison (DESIGN.md fairness rule 1).
+"""One tokenizer shared by every backbone of a comparison (docs/design.md, fairness rule 1).
 
 Byte level is the default: 256 byte tokens plus special tokens, nothing to train. Byte-level BPE
 is trained locally with Hugging Face `tokenizers`, cached by corpus hash and vocabulary size. Any

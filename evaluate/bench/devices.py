@@ -2,7 +2,7 @@
 
 Spec-sheet figures without structured sparsity (NVIDIA data sheets). MFU is quoted against the
 spec sheet, which no real kernel reaches: on H100 SXM large bf16 GEMMs measure about 800 of the
-989 TFLOP/s (DESIGN.md section 3), so an MFU of 0.5 is already good. A device that is not in the
+989 TFLOP/s (docs/design.md 3), so an MFU of 0.5 is already good. A device that is not in the
 table gets no MFU (None, with a note) rather than a guessed peak; CPUs report TFLOP/s only.
 """
 

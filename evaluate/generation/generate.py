@@ -1,6 +1,6 @@
 """Sampling and generation through every backbone's cache: prefill in parallel, then step.
 
-Sampling (DESIGN.md section 5): temperature divides the logits (0 = greedy argmax), then top-k,
+Sampling (docs/design.md section 5): temperature divides the logits (0 = greedy argmax), then top-k,
 then top-p (the smallest set of most likely tokens whose mass reaches p), then min-p (tokens at
 least min_p times as likely as the most likely one), each on the distribution left by the one
 before. Stops at EOS, at a stop string (the text is cut before it), or after max_new_tokens.

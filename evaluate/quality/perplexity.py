@@ -1,8 +1,8 @@
 """Loss, bits per byte, loss by position, length extrapolation, and exact scoring of sequences.
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, so
-models with different tokenizers can be compared (DESIGN.md fairness rule 6). Windows of synthetic
-tasks ((B, 2, T+1), see train/tasks/base.py) are scored on their answer positions only.
+models with different tokenizers can be compared (docs/design.md, fairness rule 6). Windows of
+synthetic tasks ((B, 2, T+1), see train/tasks/base.py) are scored on their answer positions only.
 
 `score_continuations` is the one primitive behind lm-eval's loglikelihood, rolling perplexity and
 our own document scoring: batches are right-padded, and a causal model never looks right, so a
