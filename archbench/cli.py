@@ -135,19 +135,37 @@ def info_app(cfg: DictConfig) -> None:
     print_info(cfg)
 
 
+def _check_requested_tokenizer(cfg: DictConfig, checkpoints: list[Path]) -> None:
+    """A tokenizer named on the eval / generate command line must be the checkpoints' own."""
+    given = [o for o in HydraConfig.get().overrides.task
+             if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "tokenizer"]
+    if not given:
+        return
+    from archbench.train.checkpoint import check_configured_tokenizer, find_checkpoint
+
+    for path in checkpoints:
+        ckpt = find_checkpoint(path)
+        if ckpt is not None:
+            check_configured_tokenizer(cfg.tokenizer, ckpt)
+
+
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @_checked
 def generate_app(cfg: DictConfig) -> None:
     from archbench.evaluate.generation.generate import run_generate
 
+    if cfg.get("ckpt"):
+        _check_requested_tokenizer(cfg, [Path(cfg.ckpt)])
     run_generate(cfg)
 
 
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @_checked
 def eval_app(cfg: DictConfig) -> None:
-    from archbench.evaluate.quality.runner import run_eval
+    from archbench.evaluate.quality.runner import expand_checkpoints, run_eval
 
+    if cfg.get("ckpt"):
+        _check_requested_tokenizer(cfg, expand_checkpoints(str(cfg.ckpt)))
     run_eval(cfg)
 
 

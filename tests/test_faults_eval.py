@@ -63,3 +63,24 @@ def test_a_users_include_path_keeps_the_local_tasks(tiny_run: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert "acc,none" in result["results"]["archbench_kv_recall"]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_another_tokenizer_on_the_command_line_is_refused(tiny_run: Path, tmp_path: Path,
+                                                          command: str) -> None:
+    from archbench.train.tokenizer import train_bpe
+
+    other = tmp_path / "other.json"
+    train_bpe(["some other text to learn from " * 20], 270).save(other)
+    exe = str(Path(sys.executable).with_name("archbench"))
+    base = [exe, command, f"ckpt={tiny_run}", "prompt=abc", "generate.max_new_tokens=2",
+            "eval.tasks=[archbench_kv_recall]", "eval.limit=2", "tokenizer=file"]
+    refused = subprocess.run([*base, f"tokenizer.path={other}"], env=OFFLINE,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "was trained with tokenizer" in refused.stderr
+    if command == "generate":  # its own tokenizer file is accepted
+        own = tiny_run / "checkpoints" / "step_0000003" / "tokenizer.json"
+        accepted = subprocess.run([*base, f"tokenizer.path={own}"], env=OFFLINE,
+                                  capture_output=True, text=True, timeout=300)
+        assert accepted.returncode == 0, accepted.stderr[-2000:]

@@ -387,6 +387,26 @@ def check_tokenizer(ckpt: Path, tokenizer: Tokenizer) -> None:
         )
 
 
+def check_configured_tokenizer(tokenizer_cfg: Any, ckpt: Path) -> None:
+    """eval / generate always read the checkpoint's own tokenizer.json; a tokenizer given on
+    their command line must be that one, or the command is refused (it used to be ignored)."""
+    from archbench.train.tokenizer import ByteTokenizer
+
+    if tokenizer_cfg.kind == "byte":
+        configured: Tokenizer = ByteTokenizer()
+    elif tokenizer_cfg.kind == "file":
+        try:
+            configured = load_tokenizer(tokenizer_cfg.path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"tokenizer.path={tokenizer_cfg.path}: {exc}") from exc
+    else:
+        raise CheckpointError(
+            f"tokenizer.kind={tokenizer_cfg.kind!r}: evaluation and generation use the "
+            "checkpoint's own tokenizer.json, and a BPE tokenizer cannot be compared without "
+            "training it; drop the tokenizer override, or give tokenizer=file tokenizer.path=")
+    check_tokenizer(ckpt, configured)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                kernels: dict[str, str] | None = None) -> tuple[Any, Tokenizer, dict[str, Any]]:
     """(model in eval mode, its tokenizer, its saved state) from a run dir or checkpoint.
