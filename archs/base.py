@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from archbench.config import ConfigError
+
 
 @dataclass
 class ForwardContext:
@@ -135,8 +137,8 @@ def require_kernels(choice: str, available: dict[str, str | None], field_name: s
                 return name
         raise RuntimeError(f"{field_name}: no kernel path can run here: {available}")
     if choice not in available:
-        raise ValueError(f"{field_name}={choice!r} is not allowed; choose one of "
-                         f"{['auto', *available]}")
+        raise ConfigError(f"{field_name}={choice!r} is not allowed; choose one of "
+                          f"{['auto', *available]}")
     reason = available[choice]
     if reason is not None:
         raise RuntimeError(f"{field_name}={choice!r} cannot run: {reason}")
