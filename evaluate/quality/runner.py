@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,20 @@ class CheckpointEval:
         return [make_record(self.ctx, eval_name, m, None, status="not_supported", reason=reason)
                 for m in ("loss", "bpb")]
 
+    def _on_text(self, eval_name: str,
+                 records_of: Callable[[Any, dict[str, Any]], list[dict[str, Any]]]) -> None:
+        """Emit `records_of(split, source)` on the text split, or, for a checkpoint trained on a
+        synthetic task (it has no text), the `not_supported` records saying so."""
+        skipped = self._task_checkpoint(eval_name)
+        self.emit(skipped if skipped else records_of(*self._text_split()))
+
     def bpb(self) -> None:
-        skipped = self._task_checkpoint("bpb")
-        if skipped:
-            self.emit(skipped)
-            return
-        split, source = self._text_split()
+        self._on_text("bpb", self._bpb_records)
+
+    def extrapolation(self) -> None:
+        self._on_text("extrapolation", self._extrapolation_records)
+
+    def _bpb_records(self, split: Any, source: dict[str, Any]) -> list[dict[str, Any]]:
         e = self.ecfg
         m = split_metrics(self.model, split, self.seq_len, e.batch_size, self._token_bytes(),
                           e.max_batches, self.device, e.position_buckets, self.amp,
@@ -170,14 +179,10 @@ class CheckpointEval:
                 recs.append(make_record(self.ctx, "bpb", "loss_bucket", b["loss"],
                                         params={**params, "start": b["start"], "end": b["end"]},
                                         n=b["tokens"]))
-        self.emit(recs)
+        return recs
 
-    def extrapolation(self) -> None:
-        skipped = self._task_checkpoint("extrapolation")
-        if skipped:
-            self.emit(skipped)
-            return
-        split, source = self._text_split()
+    def _extrapolation_records(self, split: Any, source: dict[str, Any]
+                               ) -> list[dict[str, Any]]:
         e = self.ecfg
         results = extrapolation_metrics(self.model, split, self.seq_len, list(e.extrapolation),
                                         e.batch_size, self._token_bytes(), e.max_batches,
@@ -198,7 +203,7 @@ class CheckpointEval:
             if r.get("loss_beyond_train") is not None:
                 recs.append(make_record(self.ctx, "extrapolation", "loss_beyond_train",
                                         r["loss_beyond_train"], params=params))
-        self.emit(recs)
+        return recs
 
     # ---- synthetic tasks ------------------------------------------------------------------------
     def _base_params(self, name: str) -> dict[str, Any]:
