@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from archbench.archs import registry
 from archbench.evaluate.reporting import plots
 from archbench.evaluate.reporting.data import (
     Report,
@@ -358,14 +359,21 @@ def kernel_class(path: str, device_type: str | None) -> str:
     return "fast"
 
 
+def _no_kernel_choice(sublayer: str) -> bool:
+    """An MLP kind that declares no `kernels` choice runs plain matmuls on every device."""
+    kind = sublayer.removeprefix("mlp:").split(",")[0]
+    comp = registry.components("mlp").get(kind) if sublayer.startswith("mlp:") else None
+    return comp is not None and not comp.kernels
+
+
 def kernel_flags(rep: Report) -> list[str]:
     """Fairness rule 5: the same class of kernels across backbones, or the report says so."""
     classes: dict[str, set[str]] = defaultdict(set)
     for run in rep.col.runs:
         device = ((run.summary.get("provenance") or {}).get("device") or {}).get("type")
         for sub, path in (run.summary.get("kernel_paths") or {}).items():
-            if sub.startswith("mlp:dense"):
-                continue  # plain matmuls everywhere
+            if _no_kernel_choice(sub):
+                continue  # plain matmuls everywhere (dense MLPs, RWKV's channel mix)
             classes[kernel_class(path, device)].add(f"{run.label} {sub}={path}")
     if len(classes) > 1:
         return ["kernel classes differ across backbones (fairness rule 5): reference "
