@@ -182,3 +182,33 @@ class Attention(Sublayer):
             with sdpa_kernel(_BACKENDS[self.kernel_path]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One token at a tensor position: its K and V written into the static buffers with
+        `index_copy_`, the query attending over the whole buffer under a mask of the positions
+        filled so far (so the shapes never depend on the position). Grouped-query heads attend
+        as `rep` query rows of their KV head: no repeated copy of the cache per step."""
+        if not isinstance(state, KVState):
+            raise TypeError(f"Attention.decode_step needs a KVState, got {type(state).__name__}")
+        batch = x.shape[0]
+        n_kv, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
+        q = self.q_proj(x).view(batch, n_kv, rep, self.head_dim)
+        k = self.k_proj(x).view(batch, n_kv, 1, self.head_dim)
+        v = self.v_proj(x).view(batch, n_kv, 1, self.head_dim)
+        at = position.view(1)
+        if self.use_rope:
+            cos, sin = rope_tables(at, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        state.k.index_copy_(2, at, k)
+        state.v.index_copy_(2, at, v)
+        filled = (torch.arange(state.k.shape[2], device=x.device) <= position).view(1, -1)
+        # Flash attention takes no mask: under sdpa:flash the step runs SDPA's masked backends.
+        if self.kernel_path == "sdpa:math":
+            with sdpa_kernel(_BACKENDS[self.kernel_path]):
+                out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=filled)
+        else:
+            out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=filled)
+        return self.o_proj(out.reshape(batch, -1))

@@ -83,6 +83,13 @@ class LayerState:
         """Bytes held for decoding, as allocated (a preallocated KV buffer counts in full)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` consumed by `Sublayer.decode_step` in the Python-side bookkeeping (a
+        `length` field), which the step itself must not touch: a compiled step that read or
+        wrote a Python int would be specialised to its value and recompiled at every position."""
+        if isinstance(getattr(self, "length", None), int):
+            self.length += tokens  # type: ignore[attr-defined]
+
 
 class Sublayer(nn.Module):
     """Base of mixers and MLPs. `kernel_path` names the code path that actually runs."""
@@ -102,6 +109,29 @@ class Sublayer(nn.Module):
     ) -> LayerState | None:
         """Stateless sublayers (dense MLPs) keep nothing between tokens."""
         return None
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One decoding step, (B, D) -> (B, D), at `position` (a 0-dim int64 tensor, never a
+        Python int), updating the state's tensors in place and nothing else.
+
+        This is what `LanguageModel.decode_step` runs, compiled as one graph over all layers (and
+        on CUDA captured once as a CUDA graph): so no Python-side state may be read or written
+        here (the caller advances it with `LayerState.advance`), no tensor allocated whose shape
+        depends on the position, and no host synchronisation. A stateless sublayer's step is its
+        forward on one position; a stateful one must override this (see `has_static_decode`).
+        """
+        if state is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} keeps a decoding state but has no decode_step")
+        return self.forward(x.unsqueeze(1), None, ctx).squeeze(1)
+
+    @classmethod
+    def has_static_decode(cls) -> bool:
+        """True when `decode_step` works for this class: it overrides it, or keeps no state."""
+        return cls.decode_step is not Sublayer.decode_step or cls.init_state is Sublayer.init_state
 
     def state_bytes(self, batch: int, context: int, dtype: torch.dtype) -> int:
         """Analytic decoding-state size at `context` tokens, without allocating it."""

@@ -297,15 +297,29 @@ class Mamba(_MambaBase):
         return self.out_proj(y)
 
     def _step(self, x: torch.Tensor, st: MambaState, cuda: bool) -> torch.Tensor:
-        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)
+        y = self._decode(x[:, 0], st, cuda)
+        st.advance(1)
+        return y.unsqueeze(1)
+
+    def _decode(self, x: torch.Tensor, st: MambaState, cuda: bool) -> torch.Tensor:
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs = self._conv_step(xs, st, cuda)
         delta, A, B, C = self._ssm_inputs(xs)
         step = selective_scan.selective_state_step_cuda if cuda else (
             selective_scan.selective_state_step
         )
         y = step(st.ssm_state, xs, delta, A, B, C, self.D, z).to(x.dtype)
-        st.length += 1
-        return self.out_proj(y).unsqueeze(1)
+        return self.out_proj(y)
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One token, (B, D) -> (B, D): conv window and SSM state updated in place; the
+        position is not needed (the recurrence has none)."""
+        if not isinstance(state, MambaState):
+            raise TypeError(f"Mamba.decode_step needs a MambaState, got {type(state).__name__}")
+        return self._decode(x, state, self._use_cuda(x))
 
 
 class GatedRMSNorm(nn.Module):
@@ -422,8 +436,13 @@ class Mamba2(_MambaBase):
         return self.out_proj(y)
 
     def _step(self, x: torch.Tensor, st: MambaState, cuda: bool) -> torch.Tensor:
+        y = self._decode(x[:, 0], st, cuda)
+        st.advance(1)
+        return y.unsqueeze(1)
+
+    def _decode(self, x: torch.Tensor, st: MambaState, cuda: bool) -> torch.Tensor:
         batch = x.shape[0]
-        z, xs, B, C, dt = self._split(x[:, 0], st, cuda, step=True)
+        z, xs, B, C, dt = self._split(x, st, cuda, step=True)
         A = -torch.exp(self.A_log.float())
         step = ssd.ssd_step_cuda if cuda else ssd.ssd_step
         y = step(
@@ -431,9 +450,17 @@ class Mamba2(_MambaBase):
             B.reshape(batch, self.ngroups, self.d_state),
             C.reshape(batch, self.ngroups, self.d_state), self.D,
         )
-        st.length += 1
         y = self.norm(y.reshape(batch, self.d_inner).to(x.dtype), z)
-        return self.out_proj(y).unsqueeze(1)
+        return self.out_proj(y)
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One token, (B, D) -> (B, D): conv window and SSD state updated in place."""
+        if not isinstance(state, MambaState):
+            raise TypeError(f"Mamba2.decode_step needs a MambaState, got {type(state).__name__}")
+        return self._decode(x, state, self._use_cuda(x))
 
 
 # ---- weight exchange with Hugging Face transformers (peer checks and benchmarks) -------------

@@ -93,9 +93,34 @@ class ModelCache:
     max_len: int
     pos: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # `pos` as a 0-dim int64 tensor on the cache's device, for `LanguageModel.decode_step`: a
+    # compiled step reads the position from a tensor at a fixed address, so one graph (one CUDA
+    # graph) serves every position. `_position_holds` is the value last written into it.
+    position: torch.Tensor | None = None
+    _position_holds: int = -1
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for pair in self.states for s in pair if s is not None)
+
+    def position_tensor(self) -> torch.Tensor:
+        """`position`, made equal to `pos` first (a restored snapshot may have moved `pos`)."""
+        if self.position is None:
+            raise ValueError("this cache has no position tensor; build it with init_cache")
+        if self._position_holds != self.pos:
+            self.position.fill_(self.pos)
+            self._position_holds = self.pos
+        return self.position
+
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` decoded by `decode_step`: the position and every state's bookkeeping."""
+        self.pos += tokens
+        for pair in self.states:
+            for state in pair:
+                if state is not None:
+                    state.advance(tokens)
+        if self.position is not None and self._position_holds == self.pos - tokens:
+            self.position.add_(tokens)
+            self._position_holds = self.pos
 
 
 class LanguageModel(nn.Module):
@@ -118,6 +143,9 @@ class LanguageModel(nn.Module):
         self.final_norm = make_norm(arch, d)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.activation_checkpointing = False
+        # Whether every sublayer has a graph-friendly decode_step (base.Sublayer.decode_step).
+        self.static_decode = all(s.has_static_decode() for s in self.sublayers())
+        self._compiled_step: Any = None  # set by compile_decoding
         self._init_shell()
 
     def _init_shell(self) -> None:
@@ -182,7 +210,58 @@ class LanguageModel(nn.Module):
         for block in self.blocks:
             mlp_state = block.mlp.init_state(batch, max_len, device, dtype) if block.mlp else None
             states.append((block.mixer.init_state(batch, max_len, device, dtype), mlp_state))
-        return ModelCache(states=states, max_len=max_len)
+        position = torch.zeros((), dtype=torch.long, device=device)
+        return ModelCache(states=states, max_len=max_len, position=position, _position_holds=0)
+
+    # ---- decoding: one step over all layers --------------------------------------------------
+    def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """Logits (B, V) of one new token per row (`tokens` (B,) or (B, 1)), continuing `cache`.
+
+        Equal to `forward(tokens, cache)[:, -1]`, but written as one function of (tokens, cache
+        buffers, position tensor) with every state updated in place: nothing is allocated per
+        layer on the Python side and nothing Python-side is read inside, so `compile_decoding`
+        turns it into one graph for every position (a CUDA graph with mode reduce-overhead).
+        A model with a sublayer lacking a static step decodes through `forward` instead.
+        """
+        if cache.pos + 1 > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} tokens; it is full")
+        if self.pos_embed is not None and cache.pos + 1 > self.pos_embed.num_embeddings:
+            raise ValueError(f"context {cache.pos + 1} exceeds {self.position_key}="
+                             f"{self.pos_embed.num_embeddings} of learned positions")
+        if not self.static_decode:
+            return self(tokens.reshape(-1, 1), cache)[:, -1]
+        step = self._compiled_step or self.decode_body
+        logits = step(tokens.reshape(-1), cache.states, cache.position_tensor())
+        cache.advance(1)
+        return logits
+
+    def decode_body(self, tokens: torch.Tensor,
+                    states: list[tuple[LayerState | None, LayerState | None]],
+                    position: torch.Tensor) -> torch.Tensor:
+        """The step itself (what gets compiled): tokens (B,) -> logits (B, V)."""
+        ctx = ForwardContext()
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for block, (mixer_state, mlp_state) in zip(self.blocks, states, strict=True):
+            x = x + block.mixer.decode_step(block.mixer_norm(x), mixer_state, position, ctx)
+            if block.mlp is not None:
+                x = x + block.mlp.decode_step(block.mlp_norm(x), mlp_state, position, ctx)
+        return self.lm_head(self.final_norm(x))
+
+    def compile_decoding(self, mode: str | None = None) -> None:
+        """Compile `decode_body` with static shapes: one graph per (batch, cache length, dtype),
+        reused at every position. `mode` None picks "reduce-overhead" (CUDA graphs) on CUDA and
+        inductor's default elsewhere."""
+        if not self.static_decode:
+            missing = sorted({type(s).__name__ for s in self.sublayers()
+                              if not s.has_static_decode()})
+            raise ValueError(f"cannot compile decoding: {missing} have no static decode_step")
+        if mode is None:
+            mode = "reduce-overhead" if self.embed.weight.is_cuda else "default"
+        self._compiled_step = torch.compile(self.decode_body, mode=mode, dynamic=False)
 
     # ---- accounting ----------------------------------------------------------------------------
     def sublayers(self) -> list[Sublayer]:

@@ -255,6 +255,64 @@ class RWKV7TimeMix(Sublayer):
         batch, length, d = x.shape
         heads, n = self.n_heads, self.head_size
         xx = _token_shift(x, state.shift if state is not None else None) - x
+        r, log_w, k, v, kk, iclr, g = self._mix_inputs(x, xx, ctx)
+
+        r4, k4, v4 = (t.view(batch, length, heads, n) for t in (r, k, v))
+        path = self.kernel_path
+        if state is not None and length == 1:
+            path = "torch:recurrent"  # one decoding step: the definition is the fastest form
+        y, wkv_state = wkv7(
+            path, r4, log_w.view(batch, length, heads, n), k4, v4, -kk,
+            kk * iclr.view(batch, length, heads, n),
+            state.wkv if state is not None else None, self.chunk_size,
+        )
+        if state is not None:
+            state.wkv.copy_(wkv_state.detach())
+            state.shift.copy_(x[:, -1].detach())
+        return self._readout(y.to(x.dtype), r4, k4, v4, g)
+
+    def _readout(self, y: torch.Tensor, r4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
+                 g: torch.Tensor) -> torch.Tensor:
+        """Group norm per head of the WKV output, the r.k bonus, gate, output projection."""
+        batch, length, d = g.shape
+        y = self.ln_x(y.reshape(batch * length, d)).view(batch, length, d)
+        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
+        y = y + bonus.view(batch, length, d)
+        return self.output(y * g)
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One token, (B, D) -> (B, D): the WKV state updated in place with one batched
+        (N x 2) @ (2 x N) product for both rank-one terms, no per-step copy of the state."""
+        if not isinstance(state, RWKV7TimeMixState):
+            raise TypeError(f"RWKV7TimeMix needs an RWKV7TimeMixState, got {type(state).__name__}")
+        batch, d = x.shape
+        heads, n = self.n_heads, self.head_size
+        xt = x.unsqueeze(1)
+        r, log_w, k, v, kk, iclr, g = self._mix_inputs(xt, (state.shift.to(x.dtype) - x)[:, None],
+                                                       ctx)
+        wkv = state.wkv.view(batch * heads, n, n)  # [value, key], fp32
+        f32 = wkv.dtype
+        r3, k3, v3 = (t.view(batch * heads, n).to(f32) for t in (r, k, v))
+        kk3 = kk.reshape(batch * heads, n).to(f32)
+        b3 = kk3 * iclr.view(batch * heads, n).to(f32)
+        sa = -torch.bmm(wkv, kk3.unsqueeze(-1))  # S a^T with a = -kk
+        left = torch.cat([sa, v3.unsqueeze(-1)], dim=-1)  # (BH, N, 2)
+        right = torch.stack([b3, k3], dim=1)  # (BH, 2, N)
+        wkv.mul_(log_w.view(batch * heads, 1, n).to(f32).exp()).baddbmm_(left, right)
+        y = torch.bmm(wkv, r3.unsqueeze(-1)).view(batch, 1, heads, n)
+        state.shift.copy_(x)
+        r4, k4, v4 = (t.view(batch, 1, heads, n) for t in (r, k, v))
+        return self._readout(y.to(x.dtype), r4, k4, v4, g).squeeze(1)
+
+    def _mix_inputs(self, x: torch.Tensor, xx: torch.Tensor, ctx: ForwardContext
+                    ) -> tuple[torch.Tensor, ...]:
+        """r, log_w (fp32), k (after the in-context learning rate), v (after the value
+        residual), kk (normalised per head), iclr and the gate g, from x and xx = x_prev - x."""
+        batch, length, d = x.shape
+        heads, n = self.n_heads, self.head_size
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -279,24 +337,7 @@ class RWKV7TimeMix(Sublayer):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(batch, length, heads, n), dim=-1, p=2.0)
         k = k * (1 + (iclr - 1) * self.k_a)
-
-        r4, k4, v4 = (t.view(batch, length, heads, n) for t in (r, k, v))
-        path = self.kernel_path
-        if state is not None and length == 1:
-            path = "torch:recurrent"  # one decoding step: the definition is the fastest form
-        y, wkv_state = wkv7(
-            path, r4, log_w.view(batch, length, heads, n), k4, v4, -kk,
-            kk * iclr.view(batch, length, heads, n),
-            state.wkv if state is not None else None, self.chunk_size,
-        )
-        if state is not None:
-            state.wkv.copy_(wkv_state.detach())
-            state.shift.copy_(x[:, -1].detach())
-
-        y = self.ln_x(y.to(x.dtype).reshape(batch * length, d)).view(batch, length, d)
-        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
-        y = y + bonus.view(batch, length, d)
-        return self.output(y * g)
+        return r, log_w, k, v, kk, iclr, g
 
 
 @register_mlp("rwkv_cmix", config=RWKV7ChannelMixConfig, validate=check_channel_mix)
@@ -337,4 +378,15 @@ class RWKV7ChannelMix(Sublayer):
         mixed = x + (_token_shift(x, shift) - x) * self.x_k
         if isinstance(state, TokenShiftState):
             state.shift.copy_(x[:, -1].detach())
+        return self.value(torch.relu(self.key(mixed)).square())
+
+    def decode_step(
+        self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """One token, (B, D) -> (B, D), the shift state updated in place."""
+        if not isinstance(state, TokenShiftState):
+            raise TypeError(f"RWKV7ChannelMix needs a TokenShiftState, got {type(state).__name__}")
+        mixed = x + (state.shift.to(x.dtype) - x) * self.x_k.view(-1)
+        state.shift.copy_(x)
         return self.value(torch.relu(self.key(mixed)).square())

@@ -26,6 +26,8 @@ Chunks of 16-32 steps are fastest there (the chunk's buffers stay in L2); 64 is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -94,78 +96,106 @@ def _scan_forward(
     return y, h_prev, torch.stack(starts) if keep_starts else None
 
 
-class _ChunkedSelectiveScan(torch.autograd.Function):
-    """y (L, batch, D) and the final state (batch, N, D) from time-major inputs and a state-major
-    initial state; see the module docstring."""
+# The scan is registered as two custom operators (forward, backward) with their output shapes:
+# torch.compile then calls them as opaque kernels instead of tracing their Python loops (which
+# would unroll one node per time step and break the graph on the `out=` buffers).
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        dt: torch.Tensor,
-        u: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        h0: torch.Tensor,
-        chunk: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cdt = _compute_dtype(dt, u, A, B, C, h0)
-        dt, u, A, B, C = (t.to(cdt) for t in (dt, u, A, B, C))
-        y, last, starts = _scan_forward(dt, u, A, B, C, h0.to(cdt), chunk, keep_starts=True)
-        ctx.save_for_backward(dt, u, A, B, C, starts)
-        ctx.chunk = chunk
-        ctx.mark_non_differentiable(last)
-        return y, last
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor, _g_last: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        dt, u, A, B, C, starts = ctx.saved_tensors
-        chunk = ctx.chunk
-        length, batch, dim = u.shape
-        n_state = A.shape[1]
-        gy = gy.to(dt.dtype)
-        du = dt * u
-        A2, A_t = (A.t() * LOG2E).contiguous(), A.t().contiguous()
-        size = min(chunk, length)
-        a_buf = torch.empty(size, batch, n_state, dim, dtype=dt.dtype, device=u.device)
-        h_buf, g_buf, tmp_buf = (torch.empty_like(a_buf) for _ in range(3))
-        g_A_acc = torch.zeros_like(a_buf)  # summed over (time, batch) once at the end
-        g_dt = torch.empty_like(dt)  # the part through the decay exp(delta * A)
-        g_du = torch.empty_like(dt)  # the part through the input term delta * u
-        g_B, g_C = torch.empty_like(B), torch.empty_like(C)
-        carry = torch.zeros(batch, n_state, dim, dtype=dt.dtype, device=u.device)
-        chunk_starts = list(range(0, length, chunk))
-        for k in reversed(range(len(chunk_starts))):
-            c0 = chunk_starts[k]
-            n = min(chunk, length - c0)
-            sl = slice(c0, c0 + n)
-            a, h, g = a_buf[:n], h_buf[:n], g_buf[:n]
-            _chunk_states(a, h, dt[sl], du[sl], A2, B[sl], starts[k])
-            # Adjoint recurrence: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}.
-            torch.mul(C[sl].unsqueeze(-1), gy[sl].unsqueeze(-2), out=g)
-            g[n - 1].add_(carry)
-            a_t, g_t = a.unbind(0), g.unbind(0)
-            for t in range(n - 2, -1, -1):
-                g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
-            # Contractions over D as multiply + sum: MKL's batched (N x D) @ (D x 1) products are
-            # ~7x slower here than this two-pass form.
-            tmp = tmp_buf[:n]
-            torch.sum(torch.mul(h, gy[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_C[sl])
-            torch.sum(torch.mul(g, du[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_B[sl])
-            torch.matmul(B[sl].unsqueeze(-2), g, out=g_du[sl].unsqueeze(-2))
-            # Through the decay: dL/d(delta A) = G_t * exp(delta_t A) * h_{t-1} =: Q_t.
-            a.mul_(g)
-            carry = a[0].clone()  # dL/dh at the chunk's start state
-            a[0].mul_(starts[k])
-            a[1:].mul_(h[:-1])
-            g_A_acc[:n].addcmul_(a, dt[sl].unsqueeze(-2))
-            torch.sum(a.mul_(A_t), dim=-2, out=g_dt[sl])
-        g_dt.addcmul_(g_du, u)
-        g_u = g_du.mul_(dt)
-        g_A = g_A_acc.sum(dim=(0, 1)).t()
-        return g_dt, g_u, g_A, g_B, g_C, carry, None
+@torch.library.custom_op("archbench::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, h0: torch.Tensor, chunk: int, keep_starts: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, final state, chunk start states or an empty tensor); inputs in the compute dtype."""
+    y, last, starts = _scan_forward(dt, u, A, B, C, h0, chunk, keep_starts)
+    return y, last, starts if starts is not None else u.new_empty(0)
+
+
+@_scan_fwd_op.register_fake
+def _scan_fwd_shapes(dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, h0: torch.Tensor, chunk: int, keep_starts: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length, batch, dim = u.shape
+    n_chunks = -(-length // chunk)
+    starts = (u.new_empty(n_chunks, batch, A.shape[1], dim) if keep_starts else u.new_empty(0))
+    return u.new_empty(length, batch, dim), u.new_empty(batch, A.shape[1], dim), starts
+
+
+@torch.library.custom_op("archbench::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(gy: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor,
+                 B: torch.Tensor, C: torch.Tensor, starts: torch.Tensor, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor, torch.Tensor]:
+    """Gradients of (dt, u, A, B, C, h0): the adjoint recurrence, one chunk at a time from its
+    recomputed states (see the module docstring)."""
+    length, batch, dim = u.shape
+    n_state = A.shape[1]
+    gy = gy.to(dt.dtype)
+    du = dt * u
+    A2, A_t = (A.t() * LOG2E).contiguous(), A.t().contiguous()
+    size = min(chunk, length)
+    a_buf = torch.empty(size, batch, n_state, dim, dtype=dt.dtype, device=u.device)
+    h_buf, g_buf, tmp_buf = (torch.empty_like(a_buf) for _ in range(3))
+    g_A_acc = torch.zeros_like(a_buf)  # summed over (time, batch) once at the end
+    g_dt = torch.empty_like(dt)  # the part through the decay exp(delta * A)
+    g_du = torch.empty_like(dt)  # the part through the input term delta * u
+    g_B, g_C = torch.empty_like(B), torch.empty_like(C)
+    carry = torch.zeros(batch, n_state, dim, dtype=dt.dtype, device=u.device)
+    chunk_starts = list(range(0, length, chunk))
+    for k in reversed(range(len(chunk_starts))):
+        c0 = chunk_starts[k]
+        n = min(chunk, length - c0)
+        sl = slice(c0, c0 + n)
+        a, h, g = a_buf[:n], h_buf[:n], g_buf[:n]
+        _chunk_states(a, h, dt[sl], du[sl], A2, B[sl], starts[k])
+        # Adjoint recurrence: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}.
+        torch.mul(C[sl].unsqueeze(-1), gy[sl].unsqueeze(-2), out=g)
+        g[n - 1].add_(carry)
+        a_t, g_t = a.unbind(0), g.unbind(0)
+        for t in range(n - 2, -1, -1):
+            g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+        # Contractions over D as multiply + sum: MKL's batched (N x D) @ (D x 1) products are
+        # ~7x slower here than this two-pass form.
+        tmp = tmp_buf[:n]
+        torch.sum(torch.mul(h, gy[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_C[sl])
+        torch.sum(torch.mul(g, du[sl].unsqueeze(-2), out=tmp), dim=-1, out=g_B[sl])
+        torch.matmul(B[sl].unsqueeze(-2), g, out=g_du[sl].unsqueeze(-2))
+        # Through the decay: dL/d(delta A) = G_t * exp(delta_t A) * h_{t-1} =: Q_t.
+        a.mul_(g)
+        carry = a[0].clone()  # dL/dh at the chunk's start state
+        a[0].mul_(starts[k])
+        a[1:].mul_(h[:-1])
+        g_A_acc[:n].addcmul_(a, dt[sl].unsqueeze(-2))
+        torch.sum(a.mul_(A_t), dim=-2, out=g_dt[sl])
+    g_dt.addcmul_(g_du, u)
+    g_u = g_du.mul_(dt)
+    g_A = g_A_acc.sum(dim=(0, 1)).t()
+    return g_dt, g_u, g_A, g_B, g_C, carry
+
+
+@_scan_bwd_op.register_fake
+def _scan_bwd_shapes(gy: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.Tensor,
+                     B: torch.Tensor, C: torch.Tensor, starts: torch.Tensor, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor]:
+    batch, dim = u.shape[1], u.shape[2]
+    return (torch.empty_like(dt), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), u.new_empty(batch, A.shape[1], dim))
+
+
+def _scan_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    dt, u, A, B, C, _h0, chunk, _keep = inputs
+    ctx.save_for_backward(dt, u, A, B, C, output[2])
+    ctx.chunk = chunk
+
+
+def _scan_backward(ctx: Any, gy: torch.Tensor, _g_last: torch.Tensor | None,
+                   _g_starts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The final state and the start states carry no gradient (they feed decoding only)."""
+    dt, u, A, B, C, starts = ctx.saved_tensors
+    return (*_scan_bwd_op(gy.contiguous(), dt, u, A, B, C, starts, ctx.chunk), None, None)
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 def selective_scan_chunked(
@@ -192,12 +222,10 @@ def selective_scan_chunked(
     args = (delta.transpose(0, 1), u.transpose(0, 1), A, B.transpose(0, 1), C.transpose(0, 1))
     h0 = initial_state.transpose(1, 2).contiguous()  # the kernel keeps states as (batch, N, D)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0))
-    if needs_grad:
-        y, last = _ChunkedSelectiveScan.apply(*args, h0, chunk_size)
-    else:  # inference: no boundary states to keep
-        cdt = _compute_dtype(*args, h0)
-        dt_, u_, A_, B_, C_ = (t.to(cdt) for t in args)
-        y, last, _ = _scan_forward(dt_, u_, A_, B_, C_, h0.to(cdt), chunk_size, keep_starts=False)
+    cdt = _compute_dtype(*args, h0)
+    dt_, u_, A_, B_, C_ = (t.to(cdt) for t in args)
+    # Inference keeps no chunk start states (they are for the backward only).
+    y, last, _ = _scan_fwd_op(dt_, u_, A_, B_, C_, h0.to(cdt), chunk_size, needs_grad)
     last = last.transpose(1, 2)
     y = y.transpose(0, 1)
     if D is not None:
