@@ -65,6 +65,8 @@ def print_info(cfg: Any) -> dict[str, Any]:
     print(f"layers: {_layer_summary(info['layers'])}")
     print(f"size target: {fit['metric']} {fit['target']:.4g} -> {fit['achieved']:.4g} "
           f"({fit['error'] * 100:+.2f}%{'' if fit['solved'] else ', shape set explicitly'})")
+    if fit.get("shape_note"):  # the target and the family's shape rules could not both be met
+        print(f"shape: {fit['shape_note']}")
     print("\nparameters")
     for key in ("total", "embedding", "non_embedding", "active", "active_non_embedding"):
         print(f"  {key:<22}{params[key]:>16,}  ({_human(params[key])})")

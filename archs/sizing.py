@@ -7,6 +7,7 @@ their parameters summed, so the solver cannot disagree with `LanguageModel.param
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -31,6 +32,15 @@ from archbench.config import ConfigError, pattern_periods
 
 MAX_LAYERS = 96
 MAX_WIDTH = 16384
+# Shapes a family is actually trained at. Without them the solver meets a small target with
+# shapes nobody would train (64 wide x 13 layers with one 64-dim head), and a comparison of
+# those says little about the family.
+MIN_HEADS = 2          # attention: at least two heads ...
+MIN_HEAD_DIM = 32      # ... of at least 32 dimensions
+# d_model / n_layers within [aspect / 8, aspect * 8] of the family's ratio: published small
+# models span about 20 (Pythia-14M, 128 x 6) to 130 (Jamba, 4096 x 32), and a hybrid whose
+# pattern repeats every 8 layers cannot be shallower than 8 at any size.
+ASPECT_BAND = 8.0
 
 
 @dataclass
@@ -41,6 +51,7 @@ class SizeFit:
     d_model: int
     n_layers: int
     solved: bool
+    shape_note: str | None = None  # set when the target and the family's shape rules conflict
 
     @property
     def error(self) -> float:
@@ -163,20 +174,35 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
     context = int(getattr(size, "flops_seq_len", 2048))
     if arch.d_model > 0 and arch.n_layers > 0:
         got = measure(arch, arch.d_model, arch.n_layers, vocab_size, metric, context)
-        return arch, SizeFit(metric, target, got, arch.d_model, arch.n_layers, solved=False)
+        problems = shape_problems(arch, arch.d_model, arch.n_layers)
+        note = ("set explicitly outside the family's shape range: " + "; ".join(problems)
+                if problems else None)
+        return arch, SizeFit(metric, target, got, arch.d_model, arch.n_layers, solved=False,
+                             shape_note=note)
     size_of = _Measurer(arch, vocab_size, metric, context)
     unit = _depth_unit(arch)
     divisor = _width_divisor(arch)
     best: tuple[float, int, int, float] | None = None
     step = int(arch.width_multiple)
+    sane = functools.partial(shape_problems, arch)
     while step >= max(8, divisor) and step % divisor == 0:
-        found = _best_shape(size_of, target, size.tolerance, step, unit, arch.aspect)
+        found = _best_shape(size_of, target, size.tolerance, step, unit, arch.aspect, sane)
         if found is not None and (best is None or found[0] < best[0]):
             best = found
         if best is not None and best[0] <= math.log(2):  # within 2x of the preferred aspect
             break
         step //= 2  # finer widths only when the coarse grid cannot give a sensible shape
     if best is None:
+        nearest = _nearest_sane(size_of, target, int(arch.width_multiple), divisor, unit, sane,
+                                float(arch.aspect))
+        if nearest is not None:
+            width, depth, got = nearest
+            arch.d_model, arch.n_layers = width, depth
+            note = (f"no shape in the family's range meets size.target={target:g} ({metric}) "
+                    f"within size.tolerance={size.tolerance}; nearest sane shape {width} x "
+                    f"{depth} is {got / target - 1:+.1%} off")
+            return arch, SizeFit(metric, target, got, width, depth, solved=True,
+                                 shape_note=note)
         raise ConfigError(
             f"size.target={target:g} ({metric}) cannot be met within size.tolerance="
             f"{size.tolerance} for arch.name={arch.name!r} (widths in steps of "
@@ -201,9 +227,53 @@ def _width_divisor(arch: Any) -> int:
     return divisor
 
 
+def shape_problems(arch: Any, d_model: int, n_layers: int) -> list[str]:
+    """Why a shape is outside the family's usual range (empty: it is inside): attention with
+    fewer than MIN_HEADS heads or heads under MIN_HEAD_DIM, or d_model / n_layers beyond
+    ASPECT_BAND times the family's preferred ratio (`arch.aspect`)."""
+    problems = []
+    mixers, _ = pattern_periods(arch)
+    att = getattr(arch, "attention", None)
+    if att is not None and any("attention" in str(m) for m in mixers):
+        head_dim = int(att.head_dim)
+        heads = int(att.n_heads) if att.n_heads else d_model // head_dim
+        if heads < MIN_HEADS or head_dim < MIN_HEAD_DIM:
+            problems.append(f"attention has {heads} head(s) of {head_dim} dimensions (at least "
+                            f"{MIN_HEADS} of {MIN_HEAD_DIM} wanted)")
+    ratio, aspect = d_model / n_layers, float(arch.aspect)
+    if not aspect / ASPECT_BAND <= ratio <= aspect * ASPECT_BAND:
+        problems.append(f"d_model / n_layers = {ratio:.3g} is beyond {ASPECT_BAND:g}x the "
+                        f"family's {aspect:g}")
+    return problems
+
+
+def _nearest_sane(size_of: Any, target: float, width_multiple: int, divisor: int, unit: int,
+                  sane: Any, aspect: float) -> tuple[int, int, float] | None:
+    """(width, depth, size) of the shape inside the family's range closest to the target (by
+    log size), when none is within tolerance."""
+    best: tuple[float, int, int, float] | None = None
+    step = max(divisor, math.gcd(width_multiple, divisor) or divisor, 8)
+    for n_layers in range(unit, MAX_LAYERS + 1, unit):
+        for width in range(step, MAX_WIDTH + 1, step):
+            if sane(width, n_layers):
+                continue
+            got = size_of(width, n_layers)
+            # nearest the target first; between near-equal misses, nearest the family's ratio
+            score = abs(math.log(got / target)) + 0.05 * abs(math.log(width / n_layers /
+                                                                     aspect))
+            if best is None or score < best[0]:
+                best = (score, width, n_layers, got)
+            if got > target:
+                break  # wider only gets bigger
+        if best is not None and size_of(step, n_layers) > target * 4:
+            break
+    return None if best is None else best[1:]
+
+
 def _best_shape(size_of: Any, target: float, tolerance: float, step: int, unit: int,
-                aspect: float) -> tuple[float, int, int, float] | None:
-    """(aspect score, width, depth, size) of the in-tolerance shape nearest the aspect ratio."""
+                aspect: float, sane: Any = None) -> tuple[float, int, int, float] | None:
+    """(aspect score, width, depth, size) of the in-tolerance shape nearest the aspect ratio,
+    among shapes without shape problems (`sane(width, depth)` lists them)."""
     best = None
     for n_layers in range(unit, MAX_LAYERS + 1, unit):
         lo, hi = 1, MAX_WIDTH // step
@@ -217,7 +287,7 @@ def _best_shape(size_of: Any, target: float, tolerance: float, step: int, unit: 
                 hi = mid
         for width in {max(1, lo - 1) * step, lo * step}:
             got = size_of(width, n_layers)
-            if abs(got / target - 1) <= tolerance:
+            if abs(got / target - 1) <= tolerance and not (sane and sane(width, n_layers)):
                 score = abs(math.log(width / n_layers / aspect))
                 if best is None or score < best[0]:
                     best = (score, width, n_layers, got)
