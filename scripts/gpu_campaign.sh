@@ -320,7 +320,7 @@ s_bench() {  # s_bench ARCH PASS
                                  bench.max_context_step=128)
   else
     ov=(bench=gpu_campaign)
-    [[ $pass == maxctx ]] && ov+=('bench.modes=[max_context]' 'bench.contexts=[16384]')
+    [[ $pass == maxctx ]] && ov+=('bench.modes=[max_context]' 'bench.contexts=[32768]')
   fi
   PYTHONPATH=$SITE "$ARCHBENCH" bench "arch=$arch" "size=$SIZE" "${ov[@]}" "out_dir=$out" \
     "hydra.run.dir=$out"
@@ -473,7 +473,7 @@ bench_calls() {
     local note=""
     [[ -n ${BUILD_PIDS:-} ]] && builds_running && note=" (CUDA builds still compiling on the CPUs)"
     [[ -n $note ]] && log "bench $arch/$pass overlaps the background CUDA builds$note"
-    run_stage "bench_${arch}_$pass" "$secs" 20 s_bench "$arch" "$pass"
+    run_stage "bench_${arch}_$pass" "$secs" 15 s_bench "$arch" "$pass"
     summarize_bench "$WORK/results/bench/$arch/$pass"
     pack results results "$LOGS_REL"
   done
@@ -524,7 +524,7 @@ main() {
   pack tests tests "$LOGS_REL"
 
   W_LEFT=$(( 3 * (${#group_a[@]} + ${#group_b[@]}) + ${#group_a[@]} + ${#group_b[@]} ))
-  KEEP=$((RESERVE_FINAL + (${#group_b[@]} ? 90 : 0)))
+  KEEP=$((RESERVE_FINAL + (${#group_b[@]} ? 60 : 0)))
   bench_calls core 3 "${group_a[@]}"
   bench_calls maxctx 1 "${group_a[@]}"
 
@@ -532,7 +532,7 @@ main() {
   wait $BUILD_PIDS
   grep -E '^build_' "$OUT/stages.tsv" | cut -f1,2 | sed 's/^/    /' | tee -a "$OUT/campaign.log"
   run_stage versions_after_builds "$(budget 30 "$RESERVE_FINAL")" 5 s_versions "after the builds"
-  run_stage tests_mamba "$(budget 120 $((RESERVE_FINAL + 60)))" 20 \
+  run_stage tests_mamba "$(budget 90 $((RESERVE_FINAL + 60)))" 20 \
     s_tests mamba "mamba or jamba"
   pack tests tests "$LOGS_REL"
   pack install logs built

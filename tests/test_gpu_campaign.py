@@ -176,8 +176,10 @@ def test_a_short_budget_skips_stages_instead_of_overrunning(tmp_path: Path) -> N
     proc = run_killable(["bash", str(SCRIPT), "--dry-run"], cwd=REPO, env=env, timeout=120)
     out = tmp_path / "out"
     table = stages(out)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert table["provenance"]["status"] == "ok"
+    # the first stage gets what is left above the 40 s kept for the report: a few seconds, which
+    # a loaded machine may not meet; either way it ends within its budget and the rest is skipped
+    assert table["provenance"]["status"] in ("ok", "timeout"), table["provenance"]
+    assert proc.returncode == (0 if table["provenance"]["status"] == "ok" else 1), proc.stdout
     skipped = [s for s, row in table.items() if row["status"] == "skipped"]
     assert {"install", "build_mamba_ssm", "tests_without_mamba", "bench_transformer_core",
             "compare", "report"} <= set(skipped), table
