@@ -23,6 +23,11 @@ from typing import Any
 
 from archbench.evaluate.reporting.data import Collection, Labels, Report, device_text, load
 from archbench.evaluate.reporting.quality import (
+from archbench.evaluate.reporting.findings import (
+    section_fairness,
+    section_findings,
+    section_tuning,
+)
     section_lineup,
     section_lm_eval,
     section_quality,
@@ -38,9 +43,13 @@ from archbench.io import write_text_atomic
 DEFAULT_OUT = Path("reports/latest")
 
 SECTIONS: list[tuple[str, Callable[[Report], bool]]] = [
+# The answer first: what differs between the backbones, then what the data shows (only claims
+# that pass a 95% test), then how the report was made, then the tables.
+LEADING: list[Callable[[Report], bool]] = [section_fairness, section_findings]
     ("Summary", section_summary),
     ("Line-up", section_lineup),
     ("Quality", section_quality),
+    ("Learning rates", section_tuning),
     ("Synthetic tasks", section_synthetic),
     ("Efficiency", section_efficiency),
     ("lm-eval", section_lm_eval),
@@ -112,7 +121,10 @@ def build_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT,
     col = load(paths)
     rep = Report(col, out, Labels(col))
     command = command or "archbench report " + " ".join(str(p) for p in paths)
-    rep.lines = _header(col, title, command) + list(preamble or [])
+    rep.lines = _header(col, title, command)
+    for lead in LEADING:
+        lead(rep)
+    rep.lines += list(preamble or [])
     for name, section in SECTIONS:
         if not section(rep):
             rep.note(f"{name}: no data in these records (section omitted).")
