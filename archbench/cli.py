@@ -41,6 +41,8 @@ commands:
   bench     speed and memory            archbench bench arch=rwkv7 bench=cpu_smoke
   compare   the default comparison      archbench compare
   report    build a report from runs    archbench report multirun/ runs/ -o reports/latest
+  import    a Hugging Face model in     archbench import state-spaces/mamba-130m-hf out=runs/m130
+  export    a checkpoint as HF folder   archbench export ckpt=runs/X out=hf/X
 
 Any command takes Hydra overrides; -m sweeps (e.g. arch=transformer,mamba -m).
 Resolved config: archbench train --cfg job
@@ -205,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         from archbench.compare import main as compare_main
 
         compare_main(rest)
+        return
+    if command in ("import", "export"):
+        from archbench.hf import main as hf_main
+
+        hf_main(command, rest)
         return
     if command not in COMMANDS:
         print(f"archbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

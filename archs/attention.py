@@ -1,8 +1,9 @@
 """Causal self-attention (Llama-style with RoPE and optional GQA, or GPT-2 style with the learned
 positions added by the shell) through `scaled_dot_product_attention`, with a preallocated KV cache.
 
-Parameter names follow Hugging Face Llama (q_proj, k_proj, v_proj, o_proj) so weights move to
-`LlamaForCausalLM` for peer checks.
+Parameter names follow Hugging Face Llama (q_proj, k_proj, v_proj, o_proj). This module also
+declares the Hugging Face classes made of attention and a dense MLP, `LlamaForCausalLM` and
+`GPT2LMHeadModel` (archs/hf_layout.py): their config field maps and GPT-2's fused QKV layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
+from archbench.archs.hf_layout import (
+    HFFamily,
+    HFPart,
+    Tensors,
+    exact_hidden_mult,
+    register_hf_family,
+    require_falsy,
+    require_value,
+)
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mixer
 from archbench.config import ConfigError, require_choice, require_positive
@@ -32,6 +42,7 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     max_position: int = 2048  # only for learned positions
     kernels: str = "auto"  # auto | torch (math SDPA) | cuda (flash SDPA, error if unavailable)
+    bias: bool = False  # biases on q, k, v and o projections (GPT-2; Llama's attention_bias)
 
 
 def check_attention(arch: Any) -> None:
@@ -87,6 +98,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _gpt2_attention_to_hf(tensors: Tensors, module: Any) -> Tensors:
+    """GPT-2 keeps q, k, v in one Conv1D (weights stored input-major); no bias is a zero bias."""
+    def bias(name: str) -> torch.Tensor:
+        weight = tensors[f"{name}.weight"]
+        return tensors.get(f"{name}.bias", weight.new_zeros(weight.shape[0]))
+
+    qkv = torch.cat([tensors[f"{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")])
+    return {"c_attn.weight": qkv.t(), "c_attn.bias": torch.cat([bias(n) for n in
+                                                                ("q_proj", "k_proj", "v_proj")]),
+            "c_proj.weight": tensors["o_proj.weight"].t(), "c_proj.bias": bias("o_proj")}
+
+
+def _gpt2_attention_from_hf(tensors: Tensors, module: Any) -> Tensors:
+    q, k, v = tensors["c_attn.weight"].t().chunk(3, dim=0)
+    qb, kb, vb = tensors["c_attn.bias"].chunk(3)
+    return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v,
+            "o_proj.weight": tensors["c_proj.weight"].t(), "q_proj.bias": qb, "k_proj.bias": kb,
+            "v_proj.bias": vb, "o_proj.bias": tensors["c_proj.bias"]}
+
+
+ATTENTION_HF = {
+    "llama": HFPart("self_attn", ignore=("rotary_emb.inv_freq",)),
+    "jamba": HFPart("self_attn"),
+    "gpt2": HFPart("attn", _gpt2_attention_to_hf, _gpt2_attention_from_hf,
+                   ignore=("bias", "masked_bias")),  # GPT-2's causal-mask buffers
+}
+
 _BACKENDS = {
     "sdpa:math": [SDPBackend.MATH],
     "sdpa:flash": [SDPBackend.FLASH_ATTENTION],
@@ -97,6 +135,7 @@ _BACKENDS = {
     "attention", config=AttentionConfig, kernels=("auto", "torch", "cuda"),
     validate=check_attention, width_divisor=attention_width_divisor,
     learned_positions=learned_position_rows, position_key="arch.attention.max_position",
+    hf=ATTENTION_HF,
 )
 class Attention(Sublayer):
     def __init__(self, arch: Any, layer_idx: int) -> None:
@@ -110,13 +149,16 @@ class Attention(Sublayer):
         self.rope_theta = cfg.rope_theta
         self.kernels = cfg.kernels
         self.kernel_path = "sdpa" if cfg.kernels in ("auto", "cuda") else "sdpa:math"
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.bias)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, std=arch.init_std)
         nn.init.normal_(self.o_proj.weight, std=residual_std(arch))
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
 
     def resolve_kernels(self, device: torch.device) -> str:
         on_cuda = device.type == "cuda"
@@ -212,3 +254,143 @@ class Attention(Sublayer):
         else:
             out = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=filled)
         return self.o_proj(out.reshape(batch, -1))
+
+
+# ---- Hugging Face classes made of attention and a dense MLP -------------------------------------
+
+
+def _dense_only(model: Any, mlp_kind: str, position: str) -> str | None:
+    """Why `model` is not attention + dense `mlp_kind` MLP with `position` positions."""
+    arch, problems = model.arch, []
+    if {b.mixer_kind for b in model.blocks} != {"attention"}:
+        problems.append("every mixer must be attention")
+    if any(b.mlp_slot != "dense" for b in model.blocks) or arch.mlp.kind != mlp_kind:
+        problems.append(f"every layer needs a dense {mlp_kind} MLP")
+    if arch.embed_norm:
+        problems.append("no embedding norm (arch.embed_norm=false)")
+    if arch.attention.position != position:
+        problems.append(f"arch.attention.position must be {position}")
+    return "; ".join(problems) or None
+
+
+def llama_mismatch(model: Any) -> str | None:
+    why = _dense_only(model, "swiglu", "rope")
+    if model.arch.norm != "rmsnorm":
+        why = "; ".join(filter(None, [why, "arch.norm must be rmsnorm"]))
+    return why
+
+
+def llama_arch(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """LlamaForCausalLM's config.json as an archbench arch (ConfigError for what we lack)."""
+    require_value(config, "hidden_act", "silu", "silu")
+    require_falsy(config, "rope_scaling")
+    rope = dict(config.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"config.json rope_parameters.rope_type={rope_type!r} cannot be "
+                          "expressed in archbench; only 'default' RoPE is supported")
+    d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    arch = {
+        "name": "llama", "pattern": {"mixers": ["attention"], "mlps": ["dense"]},
+        "d_model": d, "n_layers": int(config["num_hidden_layers"]), "norm": "rmsnorm",
+        "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "attention": {
+            "head_dim": int(config.get("head_dim") or d // heads), "n_heads": heads,
+            "n_kv_heads": int(config.get("num_key_value_heads") or heads), "position": "rope",
+            "rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            "bias": bool(config.get("attention_bias", False)),
+        },
+        "mlp": {"kind": "swiglu", "multiple_of": 1,
+                "hidden_mult": exact_hidden_mult(int(config["intermediate_size"]), d),
+                "bias": bool(config.get("mlp_bias", False))},
+    }
+    return arch, int(config["vocab_size"])
+
+
+def llama_config(model: Any) -> dict[str, Any]:
+    """config.json fields of LlamaForCausalLM for `model` (RoPE theta written in both the
+    transformers 4 and 5 spellings)."""
+    arch, attn = model.arch, model.blocks[0].mixer
+    theta = float(arch.attention.rope_theta)
+    return {
+        "vocab_size": model.vocab_size, "hidden_size": arch.d_model,
+        "intermediate_size": model.blocks[0].mlp.up_proj.out_features,
+        "num_hidden_layers": arch.n_layers, "num_attention_heads": attn.n_heads,
+        "num_key_value_heads": attn.n_kv_heads, "head_dim": attn.head_dim,
+        "rms_norm_eps": arch.norm_eps, "tie_word_embeddings": bool(arch.tie_embeddings),
+        "attention_bias": bool(arch.attention.bias), "mlp_bias": bool(arch.mlp.bias),
+        "hidden_act": "silu", "max_position_embeddings": 2048, "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    }
+
+
+register_hf_family(HFFamily(
+    name="llama", hf_class="LlamaForCausalLM", model_type="llama", base_prefix="model",
+    shell={"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"},
+    layer="model.layers.{i}", norms={"mixer_norm": "input_layernorm",
+                                     "mlp_norm": "post_attention_layernorm"},
+    arch_from_config=llama_arch, config_from_model=llama_config, mismatch=llama_mismatch,
+))
+
+_GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation, as arch.mlp gelu
+
+
+def gpt2_mismatch(model: Any) -> str | None:
+    why = _dense_only(model, "gelu", "learned")
+    attn = model.blocks[0].mixer if model.blocks[0].mixer_kind == "attention" else None
+    extra = []
+    if model.arch.norm != "layernorm":
+        extra.append("arch.norm must be layernorm")
+    if attn is not None and (attn.n_kv_heads != attn.n_heads
+                             or attn.n_heads * attn.head_dim != model.arch.d_model):
+        extra.append("multi-head attention with n_heads * head_dim = d_model")
+    return "; ".join(filter(None, [why, *extra])) or None
+
+
+def gpt2_arch(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """GPT2LMHeadModel's config.json as an archbench arch (ConfigError for what we lack)."""
+    act = config.get("activation_function", "gelu_new")
+    if act not in _GPT2_GELU:
+        raise ConfigError(f"config.json activation_function={act!r} cannot be expressed in "
+                          f"archbench; supported: {list(_GPT2_GELU)} (tanh GELU)")
+    require_value(config, "scale_attn_weights", True, True)
+    require_falsy(config, "scale_attn_by_inverse_layer_idx", "add_cross_attention")
+    d, heads = int(config["n_embd"]), int(config["n_head"])
+    if d % heads:
+        raise ConfigError(f"config.json n_embd={d} is not divisible by n_head={heads}")
+    inner = int(config.get("n_inner") or 4 * d)
+    arch = {
+        "name": "gpt2", "pattern": {"mixers": ["attention"], "mlps": ["dense"]},
+        "d_model": d, "n_layers": int(config["n_layer"]), "norm": "layernorm",
+        "norm_eps": float(config.get("layer_norm_epsilon", 1e-5)),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "attention": {"head_dim": d // heads, "n_heads": heads, "position": "learned",
+                      "max_position": int(config.get("n_positions", 1024)), "bias": True},
+        "mlp": {"kind": "gelu", "multiple_of": 1, "hidden_mult": exact_hidden_mult(inner, d),
+                "bias": True},
+    }
+    return arch, int(config["vocab_size"])
+
+
+def gpt2_config(model: Any) -> dict[str, Any]:
+    """config.json fields of GPT2LMHeadModel for `model` (dropout off: evaluation only)."""
+    arch = model.arch
+    return {
+        "vocab_size": model.vocab_size, "n_embd": arch.d_model, "n_layer": arch.n_layers,
+        "n_head": model.blocks[0].mixer.n_heads, "n_positions": model.pos_embed.num_embeddings,
+        "n_inner": model.blocks[0].mlp.up_proj.out_features, "activation_function": "gelu_new",
+        "layer_norm_epsilon": arch.norm_eps, "tie_word_embeddings": bool(arch.tie_embeddings),
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "attn_pdrop": 0.0, "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0, "summary_first_dropout": 0.0,
+    }
+
+
+register_hf_family(HFFamily(
+    name="gpt2", hf_class="GPT2LMHeadModel", model_type="gpt2", base_prefix="transformer",
+    shell={"embed": "transformer.wte", "pos_embed": "transformer.wpe",
+           "final_norm": "transformer.ln_f", "lm_head": "lm_head"},
+    layer="transformer.h.{i}", norms={"mixer_norm": "ln_1", "mlp_norm": "ln_2"},
+    arch_from_config=gpt2_arch, config_from_model=gpt2_config, mismatch=gpt2_mismatch,
+))

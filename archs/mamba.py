@@ -2,11 +2,13 @@
 
 Parameter names and shapes follow `mamba_ssm.modules.mamba_simple.Mamba` and
 `mamba_ssm.modules.mamba2.Mamba2` (which Hugging Face's MambaMixer / Mamba2Mixer share), so weights
-move between our pure-PyTorch path, `mamba_ssm`'s kernels and `transformers`; see
-`to_hf_mamba_state_dict`. Initialisation is the published one: S4D-real A for Mamba-1
-(A_log = log 1..N), A ~ U[1, 16] per head for Mamba-2, dt log-uniform in [dt_min, dt_max] mapped
-through the inverse softplus into the dt bias, D = 1; the output projection uses the shell's
-scaled residual std, the other projections keep PyTorch's default init as mamba_ssm does.
+move between our pure-PyTorch path, `mamba_ssm`'s kernels and `transformers` (the HF classes
+`MambaForCausalLM` / `Mamba2ForCausalLM` are declared at the end of this file; Jamba's Mamba
+layers, with `inner_norms`, in archs/jamba.py). Initialisation is the published one: S4D-real
+A for Mamba-1 (A_log = log 1..N), A ~ U[1, 16] per head for Mamba-2, dt log-uniform in
+[dt_min, dt_max] mapped through the inverse softplus into the dt bias, D = 1; the output
+projection uses the shell's scaled residual std, the other projections keep PyTorch's default
+init as mamba_ssm does.
 
 A block is mixer-only by default (pattern mlps [none]): a Mamba layer has about the parameters of
 half a Transformer layer, so a 24-layer Mamba matches a 12-layer Transformer.
@@ -23,6 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
+from archbench.archs.hf_layout import (
+    HFFamily,
+    HFPart,
+    family_for_model,
+    json_float,
+    register_hf_family,
+    require_falsy,
+    require_value,
+    to_hf_state_dict,
+)
 from archbench.archs.kernels import conv, selective_scan, ssd
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mixer
@@ -44,6 +56,9 @@ class MambaConfig:
     chunk_size: int = 16  # torch path only: time steps per scan chunk (speed/memory, not math)
     kernels: str = "auto"
     dt_scale: float = 1.0  # dt_proj.weight ~ U(+-dt_scale / sqrt(dt_rank)), as mamba_ssm
+    # RMSNorm on dt, B and C after x_proj (Jamba; HF JambaMambaMixer's dt/b/c_layernorm), in
+    # every kernel path: the norms act before the scan, whichever scan runs.
+    inner_norms: bool = False
 
 
 @dataclass
@@ -203,13 +218,8 @@ class _MambaBase(Sublayer):
         return conv.causal_conv1d_step(x, weight, self.conv1d.bias, state.conv_state)
 
 
-def hf_export(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(transformers config, state dict) of a pure Mamba / Mamba-2 model (see the end of file)."""
-    return hf_mamba_config(model), to_hf_mamba_state_dict(model)
-
-
 @register_mixer("mamba", config=MambaConfig, kernels=MAMBA_KERNELS, validate=check_mamba,
-                hf_export=hf_export)
+                hf={"mamba": HFPart("mixer"), "jamba": HFPart("mamba")})
 class Mamba(_MambaBase):
     """Mamba-1 mixer (Gu & Dao, 2023): in_proj -> conv + SiLU -> selective scan -> gate -> out."""
 
@@ -241,6 +251,11 @@ class Mamba(_MambaBase):
         self.A_log = nn.Parameter(torch.log(a_init))  # S4D-real: A = -(1, 2, ..., N)
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
+        self.inner_norms = bool(cfg.inner_norms)
+        if self.inner_norms:  # names as HF Jamba's, so its weights load unrenamed
+            self.dt_layernorm = nn.RMSNorm(self.dt_rank, eps=arch.norm_eps)
+            self.b_layernorm = nn.RMSNorm(self.d_state, eps=arch.norm_eps)
+            self.c_layernorm = nn.RMSNorm(self.d_state, eps=arch.norm_eps)
         with torch.no_grad():
             bound = cfg.dt_scale * self.dt_rank**-0.5
             nn.init.uniform_(self.dt_proj.weight, -bound, bound)
@@ -269,8 +284,11 @@ class Mamba(_MambaBase):
     def _ssm_inputs(
         self, xs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """delta (after softplus), A, B, C from the conv output."""
+        """delta (after softplus), A, B, C from the conv output. Every path (chunked scan, the
+        mamba_ssm kernels, the decoding steps) takes them from here, inner norms included."""
         dt_low, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt_low, B, C = self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
         delta = F.softplus(self.dt_proj(dt_low).float())
         return delta, -torch.exp(self.A_log.float()), B, C
 
@@ -339,7 +357,7 @@ class GatedRMSNorm(nn.Module):
 
 
 @register_mixer("mamba2", config=Mamba2Config, kernels=MAMBA_KERNELS, validate=check_mamba2,
-                width_divisor=mamba2_width_divisor, hf_export=hf_export)
+                width_divisor=mamba2_width_divisor, hf={"mamba2": HFPart("mixer")})
 class Mamba2(_MambaBase):
     """Mamba-2 mixer (Dao & Gu, 2024): one in_proj to [z, x, B, C, dt], conv over (x, B, C), SSD
     with a scalar decay per head, gated RMSNorm, out_proj."""
@@ -463,78 +481,126 @@ class Mamba2(_MambaBase):
         return self._decode(x, state, self._use_cuda(x))
 
 
-# ---- weight exchange with Hugging Face transformers (peer checks and benchmarks) -------------
+# ---- Hugging Face classes: MambaForCausalLM, Mamba2ForCausalLM (archs/hf_layout.py) -----------
 
 
-def _check_hf_compatible(model: nn.Module) -> str:
-    """The mixer kind if `model` is a pure Mamba / Mamba-2 stack HF can represent; else raise."""
-    kinds = {block.mixer_kind for block in model.blocks}
-    arch = model.arch
-    problems = []
-    if len(kinds) != 1 or not kinds <= {"mamba", "mamba2"}:
-        problems.append(f"every mixer must be mamba, or every mixer mamba2 (got {sorted(kinds)})")
-    if any(block.mlp is not None for block in model.blocks):
+def _ssm_only(model: Any, kind: str) -> str | None:
+    """Why `model` is not a stack of mixer-only `kind` layers in the HF Mamba layout."""
+    arch, problems = model.arch, []
+    if {b.mixer_kind for b in model.blocks} != {kind}:
+        problems.append(f"every mixer must be {kind}")
+    if any(b.mlp is not None for b in model.blocks):
         problems.append("blocks must be mixer-only (arch.pattern.mlps [none])")
     if arch.norm != "rmsnorm" or arch.embed_norm or model.pos_embed is not None:
         problems.append("arch.norm must be rmsnorm, with no embed_norm and no learned positions")
-    if problems:
-        raise ValueError("model has no Hugging Face Mamba equivalent: " + "; ".join(problems))
-    return kinds.pop()
+    if kind == "mamba" and arch.mamba.inner_norms:
+        problems.append("arch.mamba.inner_norms=true (dt/B/C norms) exists only in Jamba")
+    return "; ".join(problems) or None
 
 
-def to_hf_mamba_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our LanguageModel's weights under `MambaForCausalLM` / `Mamba2ForCausalLM` names.
+def _ssm_common(config: dict[str, Any], kind: str, tie_default: bool) -> dict[str, Any]:
+    require_value(config, "hidden_act", "silu", "silu")
+    require_falsy(config, "use_bias")  # in_proj / out_proj biases
+    return {
+        "name": kind, "pattern": {"mixers": [kind], "mlps": ["none"]},
+        "d_model": int(config["hidden_size"]), "n_layers": int(config["num_hidden_layers"]),
+        "norm": "rmsnorm", "norm_eps": float(config.get("layer_norm_epsilon", 1e-5)),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", tie_default)),
+    }
 
-    Only the shell's names change (embed -> backbone.embeddings, blocks.i.mixer_norm ->
-    backbone.layers.i.norm, final_norm -> backbone.norm_f); mixer parameters keep their names.
-    """
-    _check_hf_compatible(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        parts = name.split(".")
-        if parts[0] == "embed":
-            key = "backbone.embeddings.weight"
-        elif parts[0] == "final_norm":
-            key = "backbone.norm_f.weight"
-        elif parts[0] == "lm_head":
-            key = "lm_head.weight"
-        elif parts[0] == "blocks" and parts[2] == "mixer_norm":
-            key = f"backbone.layers.{parts[1]}.norm.{parts[3]}"
-        elif parts[0] == "blocks" and parts[2] == "mixer":
-            key = f"backbone.layers.{parts[1]}.mixer." + ".".join(parts[3:])
-        else:
-            raise ValueError(f"no Hugging Face name for parameter {name!r}")
-        out[key] = tensor
-    return out
+
+def mamba_arch(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """MambaForCausalLM's config.json as an archbench arch (ConfigError for what we lack)."""
+    arch = _ssm_common(config, "mamba", True)
+    d, expand = arch["d_model"], int(config.get("expand", 2))
+    inter = config.get("intermediate_size")
+    if inter is not None and int(inter) != expand * d:
+        raise ConfigError(f"config.json intermediate_size={inter} must equal expand * "
+                          f"hidden_size = {expand * d}")
+    rank = config.get("time_step_rank", "auto")
+    arch["mamba"] = {
+        "d_state": int(config.get("state_size", 16)), "d_conv": int(config.get("conv_kernel", 4)),
+        "expand": expand, "dt_rank": math.ceil(d / 16) if rank == "auto" else int(rank),
+        "conv_bias": bool(config.get("use_conv_bias", True)),
+    }
+    return arch, int(config["vocab_size"])
+
+
+def mamba2_arch(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Mamba2ForCausalLM's config.json as an archbench arch (ConfigError for what we lack)."""
+    arch = _ssm_common(config, "mamba2", False)
+    require_value(config, "rms_norm", True, True)
+    require_value(config, "norm_before_gate", False, False)
+    limit = config.get("time_step_limit", [0.0, float("inf")])
+    if [json_float(v) for v in limit] != [0.0, float("inf")]:
+        raise ConfigError(f"config.json time_step_limit={limit!r} cannot be expressed in "
+                          "archbench (dt is not clamped); only [0.0, inf] is supported")
+    d, expand = arch["d_model"], int(config.get("expand", 2))
+    heads, head_dim = int(config["num_heads"]), int(config.get("head_dim", 64))
+    if heads * head_dim != expand * d:
+        raise ConfigError(f"config.json num_heads={heads} x head_dim={head_dim} must equal "
+                          f"expand * hidden_size = {expand * d}")
+    arch["mamba2"] = {
+        "d_state": int(config.get("state_size", 128)), "d_conv": int(config.get("conv_kernel", 4)),
+        "expand": expand, "head_dim": head_dim, "ngroups": int(config.get("n_groups", 1)),
+        "chunk_size": int(config.get("chunk_size", 256)),
+        "conv_bias": bool(config.get("use_conv_bias", True)),
+    }
+    return arch, int(config["vocab_size"])
+
+
+def _ssm_config(model: Any) -> dict[str, Any]:
+    arch = model.arch
+    return {
+        "vocab_size": model.vocab_size, "hidden_size": arch.d_model,
+        "num_hidden_layers": arch.n_layers, "layer_norm_epsilon": arch.norm_eps,
+        "tie_word_embeddings": bool(arch.tie_embeddings), "residual_in_fp32": False,
+        "use_bias": False, "hidden_act": "silu",
+    }
+
+
+def mamba_config(model: Any) -> dict[str, Any]:
+    cfg, mixer = model.arch.mamba, model.blocks[0].mixer
+    return {**_ssm_config(model), "state_size": cfg.d_state, "expand": cfg.expand,
+            "intermediate_size": mixer.d_inner, "conv_kernel": cfg.d_conv,
+            "time_step_rank": mixer.dt_rank, "use_conv_bias": bool(cfg.conv_bias)}
+
+
+def mamba2_config(model: Any) -> dict[str, Any]:
+    cfg, mixer = model.arch.mamba2, model.blocks[0].mixer
+    return {**_ssm_config(model), "num_heads": mixer.n_heads, "head_dim": cfg.head_dim,
+            "state_size": cfg.d_state, "expand": cfg.expand, "conv_kernel": cfg.d_conv,
+            "n_groups": cfg.ngroups, "chunk_size": cfg.chunk_size,
+            "use_conv_bias": bool(cfg.conv_bias), "rms_norm": True, "norm_before_gate": False}
+
+
+for _kind, _cls, _arch, _config in (("mamba", "MambaForCausalLM", mamba_arch, mamba_config),
+                                    ("mamba2", "Mamba2ForCausalLM", mamba2_arch, mamba2_config)):
+    register_hf_family(HFFamily(
+        name=_kind, hf_class=_cls, model_type=_kind, base_prefix="backbone",
+        shell={"embed": "backbone.embeddings", "final_norm": "backbone.norm_f",
+               "lm_head": "lm_head"},
+        layer="backbone.layers.{i}", norms={"mixer_norm": "norm"},
+        arch_from_config=_arch, config_from_model=_config,
+        mismatch=lambda model, kind=_kind: _ssm_only(model, kind),
+    ))
 
 
 def hf_mamba_config(model: nn.Module) -> Any:
-    """A `transformers` MambaConfig / Mamba2Config describing the same network as `model`."""
-    kind = _check_hf_compatible(model)
-    arch = model.arch
-    common = {
-        "vocab_size": model.vocab_size,
-        "hidden_size": arch.d_model,
-        "num_hidden_layers": arch.n_layers,
-        "layer_norm_epsilon": arch.norm_eps,
-        "tie_word_embeddings": bool(arch.tie_embeddings),
-        "residual_in_fp32": False,
-        "use_bias": False,
-    }
-    mixer = model.blocks[0].mixer
-    if kind == "mamba":
-        from transformers import MambaConfig as HFMambaConfig
+    """A `transformers` MambaConfig / Mamba2Config of the same network (benchmark peers)."""
+    import transformers
 
-        cfg = arch.mamba
-        return HFMambaConfig(
-            **common, state_size=cfg.d_state, expand=cfg.expand, conv_kernel=cfg.d_conv,
-            time_step_rank=mixer.dt_rank, use_conv_bias=cfg.conv_bias,
-        )
-    from transformers import Mamba2Config as HFMamba2Config
+    family = family_for_model(model)
+    if family.name not in ("mamba", "mamba2"):
+        raise ValueError(f"model has no Hugging Face Mamba equivalent (it is {family.hf_class})")
+    cls = transformers.MambaConfig if family.name == "mamba" else transformers.Mamba2Config
+    return cls(**family.config_from_model(model))
 
-    cfg = arch.mamba2
-    return HFMamba2Config(
-        **common, num_heads=mixer.n_heads, head_dim=cfg.head_dim, state_size=cfg.d_state,
-        expand=cfg.expand, conv_kernel=cfg.d_conv, n_groups=cfg.ngroups,
-        chunk_size=cfg.chunk_size, use_conv_bias=cfg.conv_bias,
-    )
+
+def to_hf_mamba_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our weights under `MambaForCausalLM` / `Mamba2ForCausalLM` names (benchmark peers)."""
+    family = family_for_model(model)
+    tensors = to_hf_state_dict(model, family)
+    if model.arch.tie_embeddings:  # HF's state dict lists the tied head too
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
+    return tensors

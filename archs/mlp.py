@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
+from archbench.archs.hf_layout import HFPart, Tensors
 from archbench.archs.model import residual_std
 from archbench.archs.registry import register_mlp
 from archbench.config import ConfigError, require_choice, require_positive
@@ -24,6 +25,7 @@ class MLPConfig:
     kind: str = "swiglu"  # swiglu (Llama) | gelu (GPT-2)
     hidden_mult: float = 8.0 / 3.0
     multiple_of: int = 32
+    bias: bool = False  # biases on every projection (GPT-2; Llama's mlp_bias)
 
 
 @dataclass
@@ -66,9 +68,31 @@ def hidden_size(d_model: int, mult: float, multiple_of: int) -> int:
     return multiple_of * ((raw + multiple_of - 1) // multiple_of)
 
 
-@register_mlp("dense", config=MLPConfig, config_key="mlp", validate=check_dense)
+def _gpt2_mlp_to_hf(tensors: Tensors, module: Any) -> Tensors:
+    """GPT-2's Conv1D layers store weights input-major; no bias is a zero bias."""
+    out = {}
+    for ours, theirs in (("up_proj", "c_fc"), ("down_proj", "c_proj")):
+        weight = tensors[f"{ours}.weight"]
+        out[f"{theirs}.weight"] = weight.t()
+        out[f"{theirs}.bias"] = tensors.get(f"{ours}.bias", weight.new_zeros(weight.shape[0]))
+    return out
+
+
+def _gpt2_mlp_from_hf(tensors: Tensors, module: Any) -> Tensors:
+    out = {}
+    for ours, theirs in (("up_proj", "c_fc"), ("down_proj", "c_proj")):
+        out[f"{ours}.weight"] = tensors[f"{theirs}.weight"].t()
+        out[f"{ours}.bias"] = tensors[f"{theirs}.bias"]
+    return out
+
+
+DENSE_HF = {"llama": HFPart("mlp"), "jamba": HFPart("feed_forward"),
+            "gpt2": HFPart("mlp", _gpt2_mlp_to_hf, _gpt2_mlp_from_hf)}
+
+
+@register_mlp("dense", config=MLPConfig, config_key="mlp", validate=check_dense, hf=DENSE_HF)
 class DenseMLP(Sublayer):
-    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj), without biases."""
+    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj), biases optional."""
 
     def __init__(self, arch: Any, layer_idx: int, kind: str | None = None,
                  hidden_mult: float | None = None) -> None:
@@ -76,13 +100,17 @@ class DenseMLP(Sublayer):
         d = arch.d_model
         self.kind = kind or arch.mlp.kind
         hidden = hidden_size(d, hidden_mult or arch.mlp.hidden_mult, arch.mlp.multiple_of)
-        self.gate_proj = nn.Linear(d, hidden, bias=False) if self.kind == "swiglu" else None
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
+        bias = bool(arch.mlp.bias)
+        self.gate_proj = nn.Linear(d, hidden, bias=bias) if self.kind == "swiglu" else None
+        self.up_proj = nn.Linear(d, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d, bias=bias)
         for proj in (self.gate_proj, self.up_proj):
             if proj is not None:
                 nn.init.normal_(proj.weight, std=arch.init_std)
         nn.init.normal_(self.down_proj.weight, std=residual_std(arch))
+        for proj in (self.gate_proj, self.up_proj, self.down_proj):
+            if proj is not None and proj.bias is not None:
+                nn.init.zeros_(proj.bias)
 
     def forward(
         self, x: torch.Tensor, state: LayerState | None = None, ctx: ForwardContext | None = None
@@ -146,8 +174,32 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return lse.pow(2).mean()
 
 
+def _jamba_experts_to_hf(tensors: Tensors, module: Any) -> Tensors:
+    """Jamba's checkpoints hold one gate/up/down Linear per expert; ours are stacked (E, ...)."""
+    out = {"router.weight": tensors["router.weight"]}
+    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+        for e, weight in enumerate(tensors[ours].unbind(0)):
+            out[f"experts.{e}.{theirs}.weight"] = weight
+    return out
+
+
+def _jamba_experts_from_hf(tensors: Tensors, module: Any) -> Tensors:
+    """Per-expert Linears (released checkpoints), or transformers 5's fused in-memory layout
+    (experts.gate_up_proj (E, 2h, d) with gate first, experts.down_proj (E, d, h))."""
+    out = {"router.weight": tensors["router.weight"]}
+    if "experts.gate_up_proj" in tensors:
+        out["w_gate"], out["w_up"] = tensors["experts.gate_up_proj"].chunk(2, dim=1)
+        out["w_down"] = tensors["experts.down_proj"]
+        return out
+    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+        out[ours] = torch.stack([tensors[f"experts.{e}.{theirs}.weight"]
+                                 for e in range(module.n_experts)])
+    return out
+
+
 @register_mlp("moe", config=MoEConfig, kernels=("auto", "torch", "grouped_mm"),
-              validate=check_moe)
+              validate=check_moe,
+              hf={"jamba": HFPart("feed_forward", _jamba_experts_to_hf, _jamba_experts_from_hf)})
 class MoE(Sublayer):
     """Mixture of SwiGLU (or GELU) experts with a softmax top-k router, dropless.
 

@@ -45,8 +45,9 @@ class Component:
 
     `learned_positions(arch)` returns how many rows of learned absolute positions the shell must
     add to the embedding for this component (0: none), and `position_key` names the setting that
-    fixes that number, for error messages. `hf_export(model)` returns (transformers config,
-    state dict) for a model made only of this component, or raises naming what differs.
+    fixes that number, for error messages. `hf` maps a Hugging Face family name ("llama",
+    "mamba", "jamba", ...; archs/hf_layout.py) to this component's `HFPart` in that class: the
+    sub-module it lives under and how its tensors convert, both ways.
     """
 
     name: str
@@ -59,7 +60,7 @@ class Component:
     width_divisor: Callable[[Any], int] | None = None
     learned_positions: Callable[[Any], int] | None = None
     position_key: str = ""
-    hf_export: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None
+    hf: dict[str, Any] = field(default_factory=dict)
 
     def build(self, arch: Any, layer_idx: int) -> Any:
         return self.cls(arch, layer_idx)

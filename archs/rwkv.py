@@ -45,6 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
+from archbench.archs.hf_layout import (
+    HFFamily,
+    HFPart,
+    Tensors,
+    exact_hidden_mult,
+    register_hf_family,
+    require_falsy,
+    require_value,
+)
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
 from archbench.archs.mlp import hidden_size
 from archbench.archs.registry import register_embed_init, register_mixer, register_mlp
@@ -153,8 +162,66 @@ def _first_rwkv_layer(arch: Any) -> int:
     return mixers.index("rwkv7")
 
 
+# ---- Hugging Face layout: flash-linear-attention's RWKV7ForCausalLM (archs/hf_layout.py) --------
+# Its LoRAs are Sequential(Linear(d, r), act, Linear(r, d, bias)): lora.0 is our x1 transposed,
+# lora.2 our x2 transposed, lora.2.bias our x0; its k_k, k_a and the channel mix's x_k are flat.
+
+_FLA_LORAS = (("w", "w_lora"), ("a", "a_lora"), ("v", "v_lora"), ("g", "g_lora"))
+_FLA_LINEARS = (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"),
+                ("output", "o_proj"), ("ln_x", "g_norm"))
+_SHIFTS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
+
+
+def _fla_time_mix_to_hf(tensors: Tensors, module: Any) -> Tensors:
+    out = {name: tensors[name] for name in (*_SHIFTS, "r_k")}
+    out.update({name: tensors[name].reshape(-1) for name in ("k_k", "k_a")})
+    for ours, theirs in _FLA_LINEARS:
+        for leaf in ("weight", "bias"):
+            if f"{ours}.{leaf}" in tensors:
+                out[f"{theirs}.{leaf}"] = tensors[f"{ours}.{leaf}"]
+    for ours, theirs in _FLA_LORAS:
+        if f"{ours}1" not in tensors:  # the first layer has no value LoRA
+            continue
+        out[f"{theirs}.lora.0.weight"] = tensors[f"{ours}1"].t()
+        out[f"{theirs}.lora.2.weight"] = tensors[f"{ours}2"].t()
+        if ours != "g":
+            out[f"{theirs}.lora.2.bias"] = tensors[f"{ours}0"].reshape(-1)
+    return out
+
+
+def _fla_time_mix_from_hf(tensors: Tensors, module: Any) -> Tensors:
+    d = module.receptance.in_features
+    tensors = dict(tensors)
+    if "x_x" in tensors:  # fla's first layout: the six shift mixes stacked (6, d)
+        for name, row in zip(_SHIFTS, tensors.pop("x_x").unbind(0)):
+            tensors[name] = row
+    out = {name: tensors[name].reshape(1, 1, d) for name in (*_SHIFTS, "k_k", "k_a")}
+    out["r_k"] = tensors["r_k"]
+    for ours, theirs in _FLA_LINEARS:
+        for leaf in ("weight", "bias"):
+            if f"{theirs}.{leaf}" in tensors:
+                out[f"{ours}.{leaf}"] = tensors[f"{theirs}.{leaf}"]
+    for ours, theirs in _FLA_LORAS:
+        if f"{theirs}.lora.0.weight" not in tensors:
+            continue
+        out[f"{ours}1"] = tensors[f"{theirs}.lora.0.weight"].t()
+        out[f"{ours}2"] = tensors[f"{theirs}.lora.2.weight"].t()
+        if ours != "g":
+            out[f"{ours}0"] = tensors[f"{theirs}.lora.2.bias"].reshape(1, 1, d)
+    return out
+
+
+def _fla_channel_mix_to_hf(tensors: Tensors, module: Any) -> Tensors:
+    return {**tensors, "x_k": tensors["x_k"].reshape(-1)}
+
+
+def _fla_channel_mix_from_hf(tensors: Tensors, module: Any) -> Tensors:
+    return {**tensors, "x_k": tensors["x_k"].reshape(1, 1, -1)}
+
+
 @register_mixer("rwkv7", config=RWKV7Config, kernels=tuple(_CHOICES), validate=check_rwkv7,
-                width_divisor=lambda arch: int(arch.rwkv7.head_size))
+                width_divisor=lambda arch: int(arch.rwkv7.head_size),
+                hf={"rwkv7": HFPart("attn", _fla_time_mix_to_hf, _fla_time_mix_from_hf)})
 class RWKV7TimeMix(Sublayer):
     """RWKV-7 time mix (see the module docstring for the equations and the initialisation)."""
 
@@ -340,7 +407,8 @@ class RWKV7TimeMix(Sublayer):
         return r, log_w, k, v, kk, iclr, g
 
 
-@register_mlp("rwkv_cmix", config=RWKV7ChannelMixConfig, validate=check_channel_mix)
+@register_mlp("rwkv_cmix", config=RWKV7ChannelMixConfig, validate=check_channel_mix,
+              hf={"rwkv7": HFPart("ffn", _fla_channel_mix_to_hf, _fla_channel_mix_from_hf)})
 class RWKV7ChannelMix(Sublayer):
     """RWKV-7 channel mix: token shift, key to the hidden width, relu(.)^2, value back to d."""
 
@@ -390,3 +458,84 @@ class RWKV7ChannelMix(Sublayer):
         mixed = x + (state.shift.to(x.dtype) - x) * self.x_k.view(-1)
         state.shift.copy_(x)
         return self.value(torch.relu(self.key(mixed)).square())
+
+
+# ---- the Hugging Face class: flash-linear-attention's RWKV7ForCausalLM --------------------------
+
+
+def _fla_group_norm_eps(config: dict[str, Any], head_dim: int) -> None:
+    """fla's per-head GroupNorm uses eps = head_dim * norm_eps; ours is RWKV-LM's fixed 64e-5."""
+    eps = head_dim * float(config.get("norm_eps", 1e-5))
+    if not math.isclose(eps, GROUPNORM_EPS, rel_tol=1e-6):
+        raise ConfigError(f"config.json norm_eps={config.get('norm_eps', 1e-5)} with head_dim="
+                          f"{head_dim} gives a group-norm eps {eps:g}; archbench's RWKV-7 uses "
+                          f"{GROUPNORM_EPS:g} (head_dim * norm_eps must equal it)")
+
+
+def rwkv7_arch(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """fla's RWKV7ForCausalLM config.json as an archbench arch (ConfigError for what we lack)."""
+    require_falsy(config, "attn")  # fla's hybrid: softmax attention in some layers
+    require_value(config, "hidden_act", "sqrelu", "sqrelu")
+    require_value(config, "norm_bias", True, True)
+    d = int(config["hidden_size"])
+    value_dims = config.get("value_dim")
+    if value_dims is not None and any(int(v) != d for v in (
+            value_dims if isinstance(value_dims, list) else [value_dims])):
+        raise ConfigError(f"config.json value_dim={value_dims!r} cannot be expressed in "
+                          f"archbench; only the hidden size {d} (or null)")
+    head_dim = int(config.get("head_dim") or d // int(config["num_heads"]))
+    _fla_group_norm_eps(config, head_dim)
+    inter = config.get("intermediate_size")
+    if inter is None:
+        inter = hidden_size(d, float(config.get("hidden_ratio") or 4), 32)
+    arch = {
+        "name": "rwkv7", "pattern": {"mixers": ["rwkv7"], "mlps": ["rwkv_cmix"]},
+        "d_model": d, "n_layers": int(config["num_hidden_layers"]), "norm": "layernorm",
+        "norm_eps": float(config.get("norm_eps", 1e-5)),
+        "embed_norm": bool(config.get("norm_first", True)),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "embed_init": "rwkv",
+        "rwkv7": {"head_size": head_dim,
+                  "decay_lora": int(config.get("decay_low_rank_dim", 64)),
+                  "iclr_lora": int(config.get("a_low_rank_dim", 64)),
+                  "value_lora": int(config.get("v_low_rank_dim", 16)),
+                  "gate_lora": int(config.get("gate_low_rank_dim", 128))},
+        "rwkv_cmix": {"hidden_mult": exact_hidden_mult(int(inter), d), "multiple_of": 1},
+    }
+    return arch, int(config["vocab_size"])
+
+
+def rwkv7_config(model: Any) -> dict[str, Any]:
+    arch, mixer, cmix = model.arch, model.blocks[0].mixer, model.blocks[0].mlp
+    ranks = mixer.lora_ranks
+    return {
+        "vocab_size": model.vocab_size, "hidden_size": arch.d_model,
+        "num_hidden_layers": arch.n_layers, "head_dim": mixer.head_size,
+        "decay_low_rank_dim": ranks["w"], "a_low_rank_dim": ranks["a"],
+        "v_low_rank_dim": ranks["v"], "gate_low_rank_dim": ranks["g"],
+        "intermediate_size": cmix.key.out_features, "hidden_act": "sqrelu",
+        "norm_first": bool(arch.embed_norm), "norm_bias": True, "norm_eps": arch.norm_eps,
+        "tie_word_embeddings": bool(arch.tie_embeddings), "attn": None, "attn_mode": "chunk",
+    }
+
+
+def rwkv7_mismatch(model: Any) -> str | None:
+    arch, problems = model.arch, []
+    if {b.mixer_kind for b in model.blocks} != {"rwkv7"} or \
+            any(b.mlp_slot != "rwkv_cmix" for b in model.blocks):
+        problems.append("every layer must be rwkv7 with the rwkv_cmix channel mix")
+    if arch.norm != "layernorm" or model.pos_embed is not None:
+        problems.append("arch.norm must be layernorm, with no learned positions")
+    elif not math.isclose(arch.rwkv7.head_size * arch.norm_eps, GROUPNORM_EPS, rel_tol=1e-6):
+        problems.append("fla's group-norm eps is head_size * norm_eps, which must equal "
+                        f"{GROUPNORM_EPS:g}")
+    return "; ".join(problems) or None
+
+
+register_hf_family(HFFamily(
+    name="rwkv7", hf_class="RWKV7ForCausalLM", model_type="rwkv7", base_prefix="model",
+    shell={"embed": "model.embeddings", "embed_norm": "model.layers.0.pre_norm",
+           "final_norm": "model.norm", "lm_head": "lm_head"},
+    layer="model.layers.{i}", norms={"mixer_norm": "attn_norm", "mlp_norm": "ffn_norm"},
+    arch_from_config=rwkv7_arch, config_from_model=rwkv7_config, mismatch=rwkv7_mismatch,
+    loads_with="flash-linear-attention (fla.models.RWKV7ForCausalLM; import fla first)",
+))

@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archbench.archs import registry
 from archbench.archs.kernels.selective_scan import selective_scan_chunked, selective_state_step
 from archbench.archs.kernels.ssd import ssd_chunked, ssd_step
-from archbench.archs.mamba import Mamba, Mamba2
+from archbench.archs.mamba import Mamba, Mamba2, hf_mamba_config, to_hf_mamba_state_dict
 from archbench.archs.model import LanguageModel, arch_config, resolve_kernels
 from archbench.config import ConfigError
 
@@ -210,7 +209,7 @@ def test_matches_hugging_face(kind: str) -> None:
     transformers = pytest.importorskip("transformers")
     model = tiny_model(kind, seed=3)
     hf_cls = transformers.MambaForCausalLM if kind == "mamba" else transformers.Mamba2ForCausalLM
-    hf_config, state_dict = registry.get("mixer", kind).hf_export(model)  # via the registry
+    hf_config, state_dict = hf_mamba_config(model), to_hf_mamba_state_dict(model)
     hf = hf_cls(hf_config).eval()
     hf.load_state_dict(state_dict, strict=True)  # every name and shape
     tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))

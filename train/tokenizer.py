@@ -126,6 +126,50 @@ class HFTokenizer(Tokenizer):
         return self._json
 
 
+class PublishedTokenizer(HFTokenizer):
+    """A published model's own tokenizer.json, kept exactly (no tokens added: the model's
+    embedding has no rows for them), with the end-of-text and padding tokens it names.
+
+    Stored as {"archbench_tokenizer": "published", "eos_token", "pad_token", "tokenizer": {...}}
+    so the identity covers the choice of EOS; `inner_json` is the original file's content.
+    """
+
+    def __init__(self, json_text: str, eos_token: str, pad_token: str | None = None) -> None:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        self.raw = RawTokenizer.from_str(json_text)
+        self.inner_json = json_text
+        self.vocab_size = self.raw.get_vocab_size()
+        self.eos_token, self.pad_token = eos_token, pad_token or eos_token
+        ids = {t: self.raw.token_to_id(t) for t in (self.eos_token, self.pad_token)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer.json has no token {missing[0]!r} (named as eos/pad)")
+        self.eos_id, self.pad_id = ids[self.eos_token], ids[self.pad_token]
+        self._json = json.dumps({"archbench_tokenizer": "published", "eos_token": self.eos_token,
+                                 "pad_token": self.pad_token,
+                                 "tokenizer": json.loads(json_text)}, ensure_ascii=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """As HFTokenizer, but the model's own specials count 0 bytes, SentencePiece's word
+        marker one space, and byte-fallback tokens (<0xAB>) one byte."""
+        specials = {self.raw.token_to_id(t.content) for t in
+                    self.raw.get_added_tokens_decoder().values() if t.special}
+        byte_level = (json.loads(self.inner_json).get("decoder") or {}).get("type") == "ByteLevel"
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            token = self.raw.id_to_token(i)
+            if i in specials or token is None:
+                continue
+            if byte_level:
+                out[i] = len(token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -147,6 +191,9 @@ def from_json(json_text: str) -> Tokenizer:
     data = json.loads(json_text)
     if data.get("archbench_tokenizer") == "byte":
         return ByteTokenizer()
+    if data.get("archbench_tokenizer") == "published":
+        return PublishedTokenizer(json.dumps(data["tokenizer"], ensure_ascii=False),
+                                  data["eos_token"], data.get("pad_token"))
     return HFTokenizer(json_text)
 
 

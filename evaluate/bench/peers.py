@@ -39,67 +39,41 @@ def _mixer_kinds(model: Any) -> set[str]:
     return {block.mixer_kind for block in model.blocks}
 
 
-# ---- Transformer -> LlamaForCausalLM -----------------------------------------------------------
+# ---- Transformer -> LlamaForCausalLM (the layout lives with the attention mixer) --------------
 
 
 def llama_mismatch(model: Any) -> str | None:
     """Why our model has no LlamaForCausalLM equivalent, or None when it has one."""
-    arch = model.arch
-    problems = []
-    if _mixer_kinds(model) != {"attention"}:
-        problems.append("every mixer must be attention")
-    if any(b.mlp is None or b.mlp_slot != "dense" for b in model.blocks) \
-            or arch.mlp.kind != "swiglu":
-        problems.append("every layer needs a dense SwiGLU MLP")
-    if arch.norm != "rmsnorm" or arch.embed_norm:
-        problems.append("norm must be rmsnorm without an embedding norm")
-    if arch.attention.position != "rope":
-        problems.append("positions must be rope")
-    return "; ".join(problems) or None
+    from archbench.archs.attention import llama_mismatch as mismatch
+
+    return mismatch(model)
 
 
 def llama_config(model: Any, max_positions: int = 2048) -> Any:
     """The `transformers.LlamaConfig` of the same network as our Transformer."""
     import transformers
 
+    from archbench.archs.attention import llama_config as fields
+
     mismatch = llama_mismatch(model)
     if mismatch:
         raise ValueError(f"no LlamaForCausalLM equivalent: {mismatch}")
-    arch = model.arch
-    attn, mlp = model.blocks[0].mixer, model.blocks[0].mlp
-    kwargs: dict[str, Any] = {
-        "vocab_size": model.vocab_size, "hidden_size": arch.d_model,
-        "intermediate_size": mlp.up_proj.out_features, "num_hidden_layers": arch.n_layers,
-        "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.n_kv_heads,
-        "head_dim": attn.head_dim, "rms_norm_eps": arch.norm_eps,
-        "tie_word_embeddings": bool(arch.tie_embeddings), "attention_bias": False,
-        "mlp_bias": False, "hidden_act": "silu", "max_position_embeddings": max_positions,
-    }
-    params = inspect.signature(transformers.LlamaConfig.__init__).parameters
-    if "rope_parameters" in params:  # transformers >= 5
-        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": attn.rope_theta}
-    else:
-        kwargs["rope_theta"] = attn.rope_theta
+    kwargs = {**fields(model), "max_position_embeddings": max_positions}
+    if "rope_parameters" not in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        kwargs.pop("rope_parameters")  # transformers < 5 reads rope_theta only
     cfg = transformers.LlamaConfig(**kwargs)
     cfg._attn_implementation = "sdpa"  # the same SDPA kernels as ours
     return cfg
 
 
 def to_llama_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Our Transformer's weights under LlamaForCausalLM names (checks that the configs agree)."""
-    names = {"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
-    inner = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "mixer": "self_attn", "mlp": "mlp"}
-    out = {}
-    for name, tensor in model.state_dict().items():
-        parts = name.split(".")
-        if parts[0] in names:
-            key = ".".join([names[parts[0]], *parts[1:]])
-        elif parts[0] == "blocks":
-            key = ".".join(["model.layers", parts[1], inner[parts[2]], *parts[3:]])
-        else:
-            raise ValueError(f"no LlamaForCausalLM name for {name!r}")
-        out[key] = tensor
+    """Our Transformer's weights under LlamaForCausalLM names (the tied head listed too, as
+    LlamaForCausalLM's own state dict does)."""
+    from archbench.archs.hf_layout import families, to_hf_state_dict
+
+    out = to_hf_state_dict(model, families()["llama"])
+    if model.arch.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
@@ -311,12 +285,11 @@ def choose_peer(model: Any, device: torch.device, max_positions: int = 2048) -> 
         if not _installed("transformers"):
             return PeerChoice(None, None, "peer skipped: neither mamba_ssm nor transformers "
                                           "is installed")
-        try:
-            from archbench.archs.mamba import _check_hf_compatible
+        from archbench.archs.hf_layout import families
 
-            _check_hf_compatible(model)
-        except (ImportError, ValueError) as err:
-            return PeerChoice(None, None, f"peer skipped: {err}")
+        mismatch = families()[kind].mismatch(model)
+        if mismatch:
+            return PeerChoice(None, None, f"peer skipped: no Hugging Face equivalent ({mismatch})")
         cls = "MambaForCausalLM" if kind == "mamba" else "Mamba2ForCausalLM"
         return PeerChoice(f"hf:{cls}", _hf_mamba_peer(model, kind), note)
     if kinds == {"rwkv7"}:
