@@ -320,7 +320,8 @@ s_bench() {  # s_bench ARCH PASS
                                  bench.max_context_step=128)
   else
     ov=(bench=gpu_campaign)
-    [[ $pass == maxctx ]] && ov+=('bench.modes=[max_context]' 'bench.contexts=[32768]')
+    [[ $pass == maxctx ]] && ov+=('bench.modes=[max_context]' 'bench.contexts=[32768]'
+                                 bench.isolate=true)
   fi
   PYTHONPATH=$SITE "$ARCHBENCH" bench "arch=$arch" "size=$SIZE" "${ov[@]}" "out_dir=$out" \
     "hydra.run.dir=$out"
