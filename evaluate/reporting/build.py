@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from archbench.evaluate.reporting import output
 from archbench.evaluate.reporting.data import Collection, Labels, Report, device_text, load
 from archbench.evaluate.reporting.quality import (
 from archbench.evaluate.reporting.findings import (
@@ -113,11 +114,13 @@ def _header(col: Collection, title: str, command: str) -> list[str]:
 def build_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT,
                  title: str = "archbench report", preamble: list[str] | None = None,
                  command: str | None = None) -> tuple[Path, Collection]:
-    """Read `paths`; write `out`/report.md, its PNG plots and `out`/records.csv."""
+    """Read `paths`; write `out`/report.md, its PNG plots and `out`/records.csv. `out` must be
+    new, empty or an earlier report's folder (evaluate/reporting/output.py); only the files the
+    last build wrote there are replaced."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):  # a plot whose data is gone must not linger from a last build
-        old.unlink()
+    output.check_inputs(paths)
+    previous = output.claim(out)
+    output.remove_previous(out, previous)  # a plot whose data is gone must not linger
     col = load(paths)
     rep = Report(col, out, Labels(col))
     command = command or "archbench report " + " ".join(str(p) for p in paths)
@@ -130,6 +133,7 @@ def build_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT,
             rep.note(f"{name}: no data in these records (section omitted).")
     write_text_atomic(out / "report.md", "\n".join(rep.lines).rstrip() + "\n")
     write_csv(col.records, out / "records.csv")
+    output.record(out, [out / "report.md", out / "records.csv", *rep.figures])
     return out / "report.md", col
 
 
@@ -143,7 +147,11 @@ def main(argv: list[str]) -> None:
                         help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--title", default="archbench report")
     args = parser.parse_args(argv)
-    path, col = build_report(args.paths, args.out, args.title)
+    try:
+        path, col = build_report(args.paths, args.out, args.title)
+    except output.ReportOutputError as exc:
+        print(f"archbench report: {exc}", file=sys.stderr)
+        sys.exit(2)
     for problem in col.problems:
         print(f"archbench report: {problem.replace('`', '')}", file=sys.stderr)
     plots = len(list(path.parent.glob("*.png")))

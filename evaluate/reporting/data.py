@@ -10,6 +10,7 @@ in `Collection.problems` and skipped.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from collections import defaultdict
@@ -201,9 +202,35 @@ def record_size(rec: dict[str, Any]) -> str | None:
     return rec.get("size") or (rec.get("train") or {}).get("size")
 
 
+# Config keys that do not make two runs different experiments: seeds are what "± over seeds"
+# summarises, the rest cannot change the numbers (the keys a resume may change, train/resume.py).
+_SAME_EXPERIMENT = ("train.seed", "arch.*", "size.name", "tokenizer.path")
+
+
+def setting(run: Run) -> dict[str, Any]:
+    """What a run's numbers depend on besides its backbone and seed: the resolved config (budget,
+    size target, data, optimiser, ...), the tokenizer's identity and the data's hash."""
+    from archbench.train.resume import RESUME_MAY_CHANGE, flatten
+
+    skip = (*_SAME_EXPERIMENT, *(p for p in RESUME_MAY_CHANGE if p != "train.max_steps"))
+    flat = {k: v for k, v in flatten(run.summary.get("config") or {}).items()
+            if not any(fnmatch.fnmatchcase(k, p) for p in skip)}
+    flat["tokenizer"] = run.summary.get("tokenizer")
+    flat["data"] = (run.summary.get("data") or {}).get("hash")
+    return flat
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value >= 1000:
+        return plots.human_tick(value)
+    return str(value)[:16]
+
+
 class Labels:
     """One label per backbone (its colour everywhere); the size joins the label only where a
-    backbone comes in several sizes."""
+    backbone comes in several sizes, and the settings that differ join it where runs of one
+    backbone differ in more than their seed (another budget, tokenizer or corpus is another
+    experiment: it gets its own row and line, never a mean with the others)."""
 
     def __init__(self, col: Collection) -> None:
         self.sizes: dict[str, set[str]] = defaultdict(set)
@@ -215,8 +242,29 @@ class Labels:
                 self.sizes[arch].add(str(record_size(rec)))
         for run in col.runs:
             run.label = self(run.arch, run.size)
+        self._split_by_setting(col.runs)
+        self.by_run: dict[str, str] = {str(run.path.resolve()): run.label for run in col.runs}
         pairs = [(self(a, s), a) for a, sizes in self.sizes.items() for s in sizes]
+        pairs += [(run.label, run.arch) for run in col.runs]
         self.styles = plots.Styles(pairs)
+
+    @staticmethod
+    def _split_by_setting(runs: list[Run]) -> None:
+        """Runs under one label whose settings differ get the differing keys in their label."""
+        groups: dict[str, list[Run]] = defaultdict(list)
+        for run in runs:  # language-model runs; synthetic-task sweeps (MQAR widths x learning
+            if run.task is None:  # rates) are laid out by their own sections
+                groups[run.label].append(run)
+        for label, members in groups.items():
+            settings = [setting(r) for r in members]
+            keys = sorted({k for s in settings for k in s})
+            varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+            if not varying:
+                continue
+            shown = varying[:3] + (["..."] if len(varying) > 3 else [])
+            for run, values in zip(members, settings, strict=True):
+                parts = [f"{k.split('.')[-1]}={_short(values.get(k))}" for k in varying[:3]]
+                run.label = f"{label} ({', '.join(parts + shown[3:])})"
 
     def __call__(self, arch: str | None, size: Any = None) -> str:
         arch = arch or "?"
@@ -224,6 +272,15 @@ class Labels:
         return f"{arch}/{size}" if len(sizes) > 1 and size is not None else arch
 
     def of(self, rec: dict[str, Any]) -> str:
+        """The label of the run a record measured (by its checkpoint folder), else by backbone
+        and size."""
+        ckpt = rec.get("ckpt")
+        if ckpt:
+            path = Path(ckpt)
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+            label = self.by_run.get(str(run_dir.resolve()))
+            if label is not None:
+                return label
         return self(arch_name(rec.get("arch")), record_size(rec))
 
     @staticmethod
