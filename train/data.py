@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from archbench.io import write_atomic, write_json_atomic
+from archbench.progress import Progress
 from archbench.train.tokenizer import ByteTokenizer, Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {".parquet", ".jsonl"}
@@ -356,6 +357,10 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float,
         stats = {s: {"bytes": 0, "docs": 0} for s in buffers}
         eos = np.array([tokenizer.eos_id], dtype=dtype)
         pending: list[tuple[str, str, str]] = []
+        # Minutes on a large corpus with BPE: a line every few seconds says it is not a hang.
+        progress = Progress(getattr(corpus, "max_bytes", None), f"tokenizing {corpus.name} "
+                            f"(once; cached in {folder})", unit="MB", scale=1e6,
+                            min_interval=5.0)
 
         def flush() -> None:
             texts = [t for _, _, t in pending]
@@ -366,8 +371,10 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float,
                 encoded = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
             for (split, _, text), ids in zip(pending, encoded):
                 buffers[split] += [ids.astype(dtype, copy=False), eos]
-                stats[split]["bytes"] += len(text.encode("utf-8", "surrogatepass"))
+                size = len(text.encode("utf-8", "surrogatepass"))
+                stats[split]["bytes"] += size
                 stats[split]["docs"] += 1
+                progress.advance(units=size)
             pending.clear()
 
         for doc in split_documents(corpus, val_fraction, holdout_tail):
@@ -375,6 +382,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float,
             if len(pending) >= 512:
                 flush()
         flush()
+        progress.done(f"{stats['train']['docs'] + stats['val']['docs']} documents")
         if stats["train"]["docs"] == 0:
             raise DataError(f"corpus {corpus.name!r} gave no training documents")
         for split, parts in buffers.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,18 @@ def vocab_size_of(cfg: Any) -> tuple[int, str | None]:
     return build_tokenizer(cfg).vocab_size, None
 
 
+def _with_progress(texts: Iterable[str], cfg: Any, cache: Path) -> Iterator[str]:
+    """Training BPE on tens of MB takes a minute: say how much was read, then that merges run."""
+    from archbench.progress import Progress
+
+    progress = Progress(cfg.train_bytes, f"training a BPE tokenizer of {cfg.vocab_size} tokens "
+                        f"(once; cached as {cache})", unit="MB", scale=1e6, min_interval=5.0)
+    for text in texts:
+        progress.advance("read", units=len(text))
+        yield text
+    progress.say(progress.line("read; merging pairs now"))
+
+
 def build_tokenizer(cfg: Any, corpus: Any | None = None) -> Tokenizer:
     """The tokenizer of `cfg.tokenizer`; BPE needs the corpus (trained once, then cached)."""
     if cfg.kind == "byte":
@@ -225,7 +237,8 @@ def build_tokenizer(cfg: Any, corpus: Any | None = None) -> Tokenizer:
     cache = Path(cfg.cache_dir) / f"bpe-{corpus.content_hash[:16]}-{cfg.vocab_size}.json"
     if cache.is_file():
         return load_tokenizer(cache)
-    tok = train_bpe(corpus.iter_texts(max_bytes=cfg.train_bytes), cfg.vocab_size)
+    tok = train_bpe(_with_progress(corpus.iter_texts(max_bytes=cfg.train_bytes), cfg, cache),
+                    cfg.vocab_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tok.save(cache)
     return tok

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
 from archbench.device import pick_device
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
+from archbench.progress import progress_bar
 from archbench.provenance import provenance
 from archbench.train import distributed as dist_utils
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
@@ -309,6 +309,10 @@ def _loop(run: _Run, bar: Any) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput:.0f}")
             window_time, window_tokens = time.time(), 0
         if run.step % tcfg.eval_every == 0 or final:
+            if final and run.is_main and tcfg.progress:  # the bar reads 100%: say what runs now
+                bar.write(f"{run.cfg.arch.name}: step {run.step}/{run.last_step}, final "
+                          f"evaluation on {tcfg.eval_batches} validation batches, then the "
+                          "checkpoint ...")
             _evaluate(run)
         if run.step % tcfg.ckpt_every == 0 or final:
             dist_utils.save(run.run_dir, run.step, run.model, run.train_step.optimizer,
@@ -366,9 +370,7 @@ def _run_training(cfg: DictConfig, run_dir: str | Path, outcome: dict[str, bool]
     tokens_seen_start = run.step * run.tokens_per_step
     status, error = "running", None
     summary: dict[str, Any] = {}
-    bar = tqdm(total=run.last_step, initial=run.step,
-               disable=not (run.tcfg.progress and run.is_main),
-               desc=f"{cfg.arch.name}", dynamic_ncols=True)
+    bar = progress_bar(run.last_step, run.step, cfg.arch.name, run.tcfg.progress and run.is_main)
     try:
         _loop(run, bar)
         status = "finished"

@@ -40,6 +40,7 @@ from archbench.evaluate.reporting.systems import (
     section_summary,
 )
 from archbench.io import write_text_atomic
+from archbench.progress import Progress
 
 DEFAULT_OUT = Path("reports/latest")
 
@@ -121,7 +122,10 @@ def build_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT,
     output.check_inputs(paths)
     previous = output.claim(out)
     output.remove_previous(out, previous)  # a plot whose data is gone must not linger
+    progress = Progress(len(SECTIONS) + 1, f"report {out}")
+    progress.start(f"reading {len(paths)} input(s)")
     col = load(paths)
+    progress.advance(f"read {len(col.runs)} runs and {len(col.records)} records")
     rep = Report(col, out, Labels(col))
     command = command or "archbench report " + " ".join(str(p) for p in paths)
     rep.lines = _header(col, title, command)
@@ -131,6 +135,7 @@ def build_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT,
     for name, section in SECTIONS:
         if not section(rep):
             rep.note(f"{name}: no data in these records (section omitted).")
+        progress.advance(name)
     write_text_atomic(out / "report.md", "\n".join(rep.lines).rstrip() + "\n")
     write_csv(col.records, out / "records.csv")
     output.record(out, [out / "report.md", out / "records.csv", *rep.figures])
