@@ -200,7 +200,10 @@ def holds_a_run(run_dir: Path) -> bool:
 def plan_start(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> StartPlan:
     """Resume with the stored config, skip a finished identical run, or refuse (RunFolderConflict)
     before anything is written."""
+    from archbench.train.checkpoint import remove_stale_temp
+
     run_dir = Path(run_dir)
+    remove_stale_temp(run_dir / "checkpoints")  # a writer killed mid-checkpoint (we hold the lock)
     message = ""
     if cfg.train.resume and (stored := stored_config(run_dir)) is not None:
         cfg = resumed_config(cfg, *stored, overrides)
