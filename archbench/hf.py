@@ -214,7 +214,9 @@ def import_model(source: str, out: str | Path, name: str | None = None, seq_len:
 def byte_tokenizer_json() -> str:
     """A tokenizers file that encodes exactly as archbench's byte tokenizer: byte-level BPE with
     no merges whose token i is byte i (in GPT-2's byte-to-character alphabet), then the two
-    specials, so `transformers` tokenizes text for an exported model as archbench did."""
+    specials, so `transformers` tokenizes text for an exported model as archbench did. One
+    difference remains: a text that spells a special token ("<|eos|>") becomes that token in
+    `transformers`, where archbench's byte tokenizer keeps its bytes."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 

@@ -130,8 +130,9 @@ class PublishedTokenizer(HFTokenizer):
     """A published model's own tokenizer.json, kept exactly (no tokens added: the model's
     embedding has no rows for them), with the end-of-text and padding tokens it names.
 
-    Stored as {"archbench_tokenizer": "published", "eos_token", "pad_token", "tokenizer": {...}}
-    so the identity covers the choice of EOS; `inner_json` is the original file's content.
+    Stored as {"archbench_tokenizer": "published", "eos_token", "pad_token", "tokenizer_json"}
+    so the identity covers the choice of EOS; `inner_json` is the original file, byte for byte
+    (an export writes it back unchanged).
     """
 
     def __init__(self, json_text: str, eos_token: str, pad_token: str | None = None) -> None:
@@ -147,8 +148,8 @@ class PublishedTokenizer(HFTokenizer):
             raise ValueError(f"tokenizer.json has no token {missing[0]!r} (named as eos/pad)")
         self.eos_id, self.pad_id = ids[self.eos_token], ids[self.pad_token]
         self._json = json.dumps({"archbench_tokenizer": "published", "eos_token": self.eos_token,
-                                 "pad_token": self.pad_token,
-                                 "tokenizer": json.loads(json_text)}, ensure_ascii=False)
+                                 "pad_token": self.pad_token, "tokenizer_json": json_text},
+                                ensure_ascii=False)
 
     def token_bytes(self) -> np.ndarray:
         """As HFTokenizer, but the model's own specials count 0 bytes, SentencePiece's word
@@ -192,8 +193,7 @@ def from_json(json_text: str) -> Tokenizer:
     if data.get("archbench_tokenizer") == "byte":
         return ByteTokenizer()
     if data.get("archbench_tokenizer") == "published":
-        return PublishedTokenizer(json.dumps(data["tokenizer"], ensure_ascii=False),
-                                  data["eos_token"], data.get("pad_token"))
+        return PublishedTokenizer(data["tokenizer_json"], data["eos_token"], data.get("pad_token"))
     return HFTokenizer(json_text)
 
 
