@@ -182,6 +182,9 @@ class BenchConfig:
     max_context_step: int = 128  # resolution of the max-context bisection (tokens)
     peer_rounds: int = 1  # ours/peer measured alternately this many times; ratio = median
     peer_interleave: bool = False  # also time ours/peer call by call in one process (ratio)
+    # torch.compile axis: each train / prefill / decode measurement runs once per value.
+    compile: list[bool] = field(default_factory=lambda: [False])
+    profile: bool = False  # torch.profiler trace + top-operators table per measurement
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from conftest import make_config
 
 from archbench.archs.model import LanguageModel
+from archbench.config import ConfigError
 from archbench.evaluate.bench import flops, runner
 from archbench.evaluate.bench.devices import peak_tflops
 from archbench.evaluate.bench.measure import is_oom, restore_cache, snapshot_cache, time_pair
@@ -374,3 +375,37 @@ def test_cuda_graph_decoding_checks_exact_and_is_used(tmp_path: Path, arch: str)
     assert rec["graph_capture_s"] > 0 and rec["eager_median_s"] > 0
     assert rec["mfu"] is None or 0 < rec["mfu"] < 1
     assert math.isfinite(rec["tokens_per_s"])
+
+
+def test_compile_axis_gives_eager_and_compiled_records_and_profile_files(tmp_path: Path) -> None:
+    """bench.compile=[false,true]: one record per value for decode (memory once), the compiled
+    one with "+compiled" kernel paths, its compile time apart, no graph breaks, its decoding
+    checked against eager; bench.profile writes a trace and a top-operators table for each."""
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false",
+                       "bench.modes=[decode,memory]", "bench.contexts=[16]",
+                       "bench.compile=[false,true]", "bench.profile=true")
+    records = runner.run_bench(cfg)
+    assert [(r["mode"], r["compiled"]) for r in records] == [
+        ("decode", False), ("decode", True), ("memory", False)]
+    eager, compiled, _ = records
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    assert eager["kernel_paths"] == {"attention": "sdpa", "mlp:dense": "torch"}
+    assert compiled["kernel_paths"] == {"attention": "sdpa+compiled", "mlp:dense": "torch+compiled"}
+    assert eager["compile_s"] is None and compiled["compile_s"] > 0
+    assert compiled["graph_breaks"] == 0 and compiled["compile_check"]["ok"]
+    assert compiled["compile_check"]["max_logit_diff"] <= 1e-4 * compiled["compile_check"][
+        "logit_scale"]
+    for rec in (eager, compiled):
+        profile = rec["profile"]
+        assert Path(profile["trace"]).stat().st_size > 0 and Path(profile["table"]).is_file()
+        assert profile["bound"] in ("matmul-bound", "overhead-bound")
+        assert 0 <= profile["matmul_share"] <= 1 and profile["top_ops"]
+    with open(tmp_path / "bench.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["compiled"] for row in rows] == ["False", "True", "False"]
+
+
+def test_an_empty_compile_axis_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = bench_config(tmp_path, "transformer", "bench.compile=[]")
+    with pytest.raises(ConfigError, match="bench.compile"):
+        runner.run_bench(cfg)

@@ -55,11 +55,25 @@ does not apply to the mode; the CSV holds the scalar ones):
   first_call_s      host seconds of the very first call (lazy init, allocator growth, autotune;
                     for decode with CUDA graphs, the capture time is added), kept out of median_s
   cuda_graphs       decode: True when timed through CUDA graphs that were checked exact against
-                    eager decoding in this very run; False otherwise (cuda_graphs_note says why);
-                    None for other modes. eager_median_s / eager_tokens_per_s: the eager decode
-                    timing (always measured; the peer ratio of decode uses it)
+                    eager decoding in this very run; False otherwise (cuda_graphs_note says why;
+                    compiled decoding on CUDA takes inductor's CUDA graphs instead);
+                    None for other modes. eager_median_s / eager_tokens_per_s: the decode
+                    timing without bench.cuda_graphs replay (always measured; the step compiled
+                    when compiled; the peer ratio of decode uses it)
   graph_capture_s   decode with graphs: seconds to warm up and capture the G graphs
-  kernel_paths      {"attention": "sdpa", "mamba": "torch:chunked", ...} as resolved
+  kernel_paths      {"attention": "sdpa", "mamba": "torch:chunked", ...} as resolved; with
+                    "+compiled" appended to each when the measurement ran compiled
+  compiled          True when measured with torch.compile (the bench.compile axis: train,
+                    prefill and decode are measured once per value; memory once, eager)
+  compile_s         compiled only: first_call_s - median_s, the one-time cost of compilation
+                    (and autotuning, CUDA-graph capture) kept out of the steady-state timing
+  graph_breaks, graphs, reasons   compiled train / decode: dynamo's graph count and breaks in
+                    the training forward + loss or the decode step (evaluate/bench/compiled.py)
+  compile_check     compiled decode: compiled against eager decoding over the G steps from the
+                    same prefilled state ({"ok", "max_logit_diff", "logit_scale",
+                    "max_state_rel_diff", "steps"}); a mismatch is an error record
+  profile           with bench.profile: {"trace", "table" (files under <out>/profiles/),
+                    "matmul_share", "bound" (matmul-bound | overhead-bound), "top_ops"}
   params            model.param_counts(): total, embedding, non_embedding, active,
                     active_non_embedding
   threads           torch CPU threads of the measurement (None on CUDA)
@@ -105,6 +119,7 @@ from archbench.provenance import provenance
 from archbench.train.tokenizer import vocab_size_of
 
 MODES = ("train", "prefill", "decode", "memory")
+COMPILE_MODES = ("train", "prefill", "decode")  # the modes the bench.compile axis applies to
 PEER_MODES = ("train", "prefill", "decode")
 
 RECORD_KEYS = (
@@ -115,7 +130,8 @@ RECORD_KEYS = (
     "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "cuda_graphs_note",
     "eager_median_s", "eager_tokens_per_s", "graph_capture_s", "kernel_paths", "params",
     "threads", "isolated", "probe", "probes", "first_failed_context", "limit",
-    "rss_budget_bytes", "peer", "provenance", "config",
+    "rss_budget_bytes", "peer", "provenance", "config", "compiled", "compile_s",
+    "graph_breaks", "graphs", "reasons", "compile_check", "profile",
 )
 
 CSV_COLUMNS = (
@@ -124,7 +140,8 @@ CSV_COLUMNS = (
     "per_token_s", "tflops", "mfu", "peak_bytes", "baseline_bytes", "state_bytes_measured",
     "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "params_total",
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
-    "peer_ratio", "peer_ratio_basis", "probe", "error", "notes",
+    "peer_ratio", "peer_ratio_basis", "probe", "error", "notes", "compiled", "compile_s",
+    "graph_breaks", "profile_bound",
 )
 
 
@@ -154,6 +171,16 @@ def _check_bench(bench: Any) -> list[str]:
     return modes
 
 
+def _compile_values(bench: Any) -> list[bool]:
+    """bench.compile as a list of booleans (a single value counts as a list of one)."""
+    raw = bench.get("compile", [False])
+    values = list(raw) if OmegaConf.is_list(raw) or isinstance(raw, (list, tuple)) else [raw]
+    if not values or any(not isinstance(v, bool) for v in values):
+        raise ConfigError(f"bench.compile={values} is not allowed; give a list of true / false, "
+                          "e.g. 'bench.compile=[false,true]'")
+    return list(dict.fromkeys(values))
+
+
 class Bench:
     """The state of one `run_bench` call: config, device, shapes, where records go."""
 
@@ -163,6 +190,7 @@ class Bench:
         self.cfg, self.out_dir = cfg, out_dir
         self.bench = cfg.bench
         self.modes = _check_bench(self.bench)
+        self.compile_values = _compile_values(self.bench)
         self.device = pick_device(self.bench.device, "bench.device")
         self.dtype = dtype_name(self.bench.dtype, self.device, "bench.dtype")
         self.vocab_size, vocab_note = vocab_size_of(cfg.tokenizer)
@@ -177,9 +205,11 @@ class Bench:
 
     # ---- tasks ---------------------------------------------------------------------------------
     def task(self, mode: str, context: int, batch: int, which: str = "ours",
-             rss_budget: int | None = None) -> dict[str, Any]:
+             rss_budget: int | None = None, compiled: bool = False) -> dict[str, Any]:
         return {
             "which": which, "mode": mode, "context": int(context), "batch": int(batch),
+            "compile": bool(compiled), "arch_name": str(self.cfg.arch.name),
+            "profile_dir": str(self.out_dir / "profiles"),
             "arch": OmegaConf.to_container(self.arch, resolve=True),
             "vocab_size": self.vocab_size, "dtype": self.dtype, "device": str(self.device),
             "bench": OmegaConf.to_container(self.bench, resolve=True),
@@ -217,9 +247,10 @@ class Bench:
         self.records.append(rec)
         return rec
 
-    def peer_of(self, mode: str, context: int, batch: int,
-                ours: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
-        """The peer's measurement as a record's `peer`, with bench.peer_rounds alternations."""
+    def peer_of(self, mode: str, context: int, batch: int, ours: dict[str, Any],
+                compiled: bool = False) -> tuple[dict[str, Any] | None, list[str]]:
+        """The peer's measurement as a record's `peer`, with bench.peer_rounds alternations
+        (the peer always eager; ours compiled when `compiled`)."""
         result = self.measure(self.task(mode, context, batch, which="peer"))
         if result["status"] == "skipped":
             return None, [n for n in result.get("notes", []) if n]
@@ -230,7 +261,7 @@ class Bench:
             "tokens_per_s": theirs, "median_s": result.get("median_s"),
             "per_token_s": result.get("per_token_s"),
             "ratio": mine / theirs if (mine and theirs) else None,
-            "ratio_basis": "eager" if mode == "decode" else "same",
+            "ratio_basis": "compiled" if compiled else ("eager" if mode == "decode" else "same"),
             "peak_bytes": result.get("peak_bytes"), "first_call_s": result.get("first_call_s"),
             "params_total": (result.get("params") or {}).get("total"),
             "error": result.get("error"), "rounds": None,
@@ -239,7 +270,7 @@ class Bench:
         if peer["ratio"] is not None and int(self.bench.peer_rounds) > 1:
             pairs = [(mine, theirs)]
             for _ in range(int(self.bench.peer_rounds) - 1):
-                again = self.measure(self.task(mode, context, batch))
+                again = self.measure(self.task(mode, context, batch, compiled=compiled))
                 other = self.measure(self.task(mode, context, batch, which="peer"))
                 if again["status"] == other["status"] == "ok":
                     pairs.append((_ours_speed(mode, again), other["tokens_per_s"]))
@@ -251,11 +282,12 @@ class Bench:
                          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
         peer["interleaved"] = None
         if peer["ratio"] is not None and self.bench.peer_interleave:
-            pair = self.measure(self.task(mode, context, batch, which="pair"))
+            pair = self.measure(self.task(mode, context, batch, which="pair", compiled=compiled))
             if pair["status"] == "ok":
                 peer["interleaved"] = pair["paired"]
                 peer["ratio"] = pair["paired"]["ratio"]
-                peer["ratio_basis"] = "interleaved" + (" eager" if mode == "decode" else "")
+                peer["ratio_basis"] = "interleaved" + (
+                    " compiled" if compiled else " eager" if mode == "decode" else "")
             else:
                 notes.append(f"interleaved peer measurement failed ({pair['status']}): "
                              f"{pair.get('error')}; ratio from the separate measurements")
@@ -266,25 +298,31 @@ class Bench:
         contexts = sorted({int(c) for c in self.bench.contexts})
         for batch in [int(b) for b in self.bench.batch_sizes]:
             for mode in (m for m in self.modes if m in MODES):
-                failed_at: int | None = None
-                for context in contexts:
-                    if failed_at is not None:
-                        self.record(mode, context, batch, {
-                            "status": "oom", "error": f"not run: {mode} ran out of memory at "
-                            f"context {failed_at}", "notes": [
-                                f"inferred from the OOM at context {failed_at}"]})
-                        continue
-                    result = self.measure(self.task(mode, context, batch))
-                    peer = None
-                    if self.bench.peers and mode in PEER_MODES and result["status"] == "ok":
-                        peer, notes = self.peer_of(mode, context, batch, result)
-                        result.setdefault("notes", []).extend(notes)
-                    elif self.bench.peers and mode not in PEER_MODES:
-                        result.setdefault("notes", []).append(f"no peer measurement in {mode} mode")
-                    self.record(mode, context, batch, result, peer)
-                    if result["status"] == "oom":
-                        failed_at = context
-                    _progress(self.records[-1])
+                # bench.compile applies to train / prefill / decode; memory is measured once.
+                for compiled in (self.compile_values if mode in COMPILE_MODES else [False]):
+                    self.run_contexts(mode, contexts, batch, compiled)
+
+    def run_contexts(self, mode: str, contexts: list[int], batch: int, compiled: bool) -> None:
+        failed_at: int | None = None
+        for context in contexts:
+            if failed_at is not None:
+                self.record(mode, context, batch, {
+                    "status": "oom", "compiled": compiled, "error": f"not run: {mode} ran out "
+                    f"of memory at context {failed_at}", "notes": [
+                        f"inferred from the OOM at context {failed_at}"]})
+                continue
+            result = self.measure(self.task(mode, context, batch, compiled=compiled))
+            peer = None
+            if self.bench.peers and mode in PEER_MODES and result["status"] == "ok":
+                peer, notes = self.peer_of(mode, context, batch, result, compiled)
+                result.setdefault("notes", []).extend(notes)
+            elif self.bench.peers and mode not in PEER_MODES:
+                result.setdefault("notes", []).append(f"no peer measurement in {mode} mode")
+            result.setdefault("compiled", compiled)
+            self.record(mode, context, batch, result, peer)
+            if result["status"] == "oom":
+                failed_at = context
+            _progress(self.records[-1])
 
     def run_max_context(self) -> None:
         from archbench.evaluate.bench.memory import available_bytes
@@ -387,8 +425,11 @@ def _progress(rec: dict[str, Any]) -> None:
     speed = f"{rec['tokens_per_s']:.0f} tok/s" if rec.get("tokens_per_s") else ""
     peer = rec.get("peer") or {}
     ratio = f" ratio vs {peer['name']}: {peer['ratio']:.2f}" if peer.get("ratio") else ""
+    compiled = f" compiled (+{rec['compile_s']:.1f}s)" if rec.get("compiled") and rec.get(
+        "compile_s") is not None else ""
     print(f"[bench] {rec['arch']}/{rec['size']} {rec['mode']:<11} ctx={rec['context']} "
-          f"batch={rec['batch']} {rec['dtype']}: {rec['status']} {speed}{ratio}", flush=True)
+          f"batch={rec['batch']} {rec['dtype']}{compiled}: {rec['status']} {speed}{ratio}",
+          flush=True)
 
 
 # ---- CSV --------------------------------------------------------------------------------------
@@ -408,6 +449,7 @@ def csv_row(rec: dict[str, Any]) -> dict[str, Any]:
         if rec.get("kernel_paths") else None,
         peer_name=peer.get("name"), peer_tokens_per_s=peer.get("tokens_per_s"),
         peer_ratio=peer.get("ratio"), peer_ratio_basis=peer.get("ratio_basis"),
+        profile_bound=(rec.get("profile") or {}).get("bound"),
         notes=" | ".join(n.splitlines()[0] for n in rec.get("notes") or [] if n),
     )
     return row

@@ -35,6 +35,14 @@ from torch import nn
 
 from archbench.archs import registry
 from archbench.device import DTYPES
+from archbench.evaluate.bench.compiled import (
+    compile_decoder,
+    compile_fields,
+    forward_of,
+    profile_step,
+    train_graph_breaks,
+    wants_compile,
+)
 from archbench.evaluate.bench.devices import utilisation
 from archbench.evaluate.bench.flops import step_flops
 from archbench.evaluate.bench.measure import (
@@ -137,14 +145,23 @@ def _train(task: dict[str, Any], module: nn.Module, logits_fn: Callable, device:
     timing = _time(task, device, step)
     batch, context = task["batch"], task["context"]
     flops = step_flops(flops_model, "train", batch, context)
-    return _timing_fields(timing, batch * context, flops, device, task["dtype"])
+    return {**_timing_fields(timing, batch * context, flops, device, task["dtype"]),
+            **compile_fields(task, timing), "profile": profile_step(task, step)}
 
 
 # ---- ours -------------------------------------------------------------------------------------
 
 
 def ours_train(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return _train(task, model, lambda x, ctx: model(x, ctx=ctx), device, model)
+    """With bench.compile: the forward compiled (static shapes), backward through AOTAutograd,
+    the optimizer step eager (as the trainer with train.compile)."""
+    extra: dict[str, Any] = {}
+    if wants_compile(task):
+        probe = _tokens(task["vocab_size"], task["batch"], task["context"] + 1, task["seed"],
+                        device)
+        extra = train_graph_breaks(model, probe)
+    forward = forward_of(model, task, device)
+    return {**_train(task, model, lambda x, ctx: forward(x, ctx=ctx), device, model), **extra}
 
 
 def _ours_prefill_unit(model: Any, task: dict[str, Any], device: torch.device
@@ -153,21 +170,25 @@ def _ours_prefill_unit(model: Any, task: dict[str, Any], device: torch.device
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
     tokens = _tokens(task["vocab_size"], batch, context, task["seed"], device)
     held: dict[str, Any] = {}
+    forward = forward_of(model, task, device)
 
     def step() -> None:
         cache = model.init_cache(batch, context, device, dtype)
         with last_logits_only(model):
-            model(tokens, cache)
+            forward(tokens, cache)
         held["cache"] = cache
 
     return held.clear, step, held
 
 
-def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device
+def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device,
+                      info: dict[str, Any] | None = None,
                       ) -> tuple[Callable[[], Any], Callable[[], Any], Any, dict[str, Any],
                                  torch.Tensor]:
-    """(setup, eager step, cache, positions, steps): the prompt is prefilled here (untimed);
-    every repeat restarts from its positions. Call under inference mode."""
+    """(setup, step, cache, positions, steps): the prompt is prefilled here (untimed); every
+    repeat restarts from its positions; each token is one `model.decode_step` (all layers in
+    one function), compiled and checked against eager decoding with bench.compile (the check's
+    fields go into `info`). Call under inference mode."""
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
     new = int(task["bench"]["decode_tokens"])
     prompt = _tokens(task["vocab_size"], batch, context, task["seed"], device)
@@ -176,10 +197,14 @@ def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device
     with last_logits_only(model):
         model(prompt, cache)
     positions = snapshot_cache(cache, tensors=False)
+    if wants_compile(task):
+        checked = compile_decoder(model, cache, steps, task["dtype"], device)
+        if info is not None:
+            info.update(checked)
 
     def step() -> None:
         for i in range(new):
-            model(steps[:, i : i + 1], cache)
+            model.decode_step(steps[:, i], cache)
 
     return (lambda: restore_cache(cache, positions)), step, cache, positions, steps
 
@@ -189,8 +214,10 @@ def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict
     setup, step, held = _ours_prefill_unit(model, task, device)
     with torch.inference_mode():
         timing = _time(task, device, step, setup=setup)
+        profiled = profile_step(task, step, setup)
     flops = step_flops(model, "prefill", batch, context)
     return {**_timing_fields(timing, batch * context, flops, device, task["dtype"]),
+            **compile_fields(task, timing), "profile": profiled,
             "state_bytes_measured": held["cache"].nbytes(),
             "state_bytes_analytic": model.cache_bytes(batch, context, dtype)}
 
@@ -203,10 +230,16 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
     new = int(bench.decode_tokens)
     out: dict[str, Any] = {"new_tokens": new}
     with torch.inference_mode():
-        setup, eager_step, cache, positions, steps = _ours_decode_unit(model, task, device)
+        setup, eager_step, cache, positions, steps = _ours_decode_unit(model, task, device, out)
         timing = _time(task, device, eager_step, setup=setup)
         eager = timing
-        if device.type == "cuda" and bench.cuda_graphs:
+        out.update(compile_fields(task, timing, out.get("compile_s")),
+                   profile=profile_step(task, eager_step, setup))
+        if wants_compile(task):
+            out["cuda_graphs"] = False
+            out["cuda_graphs_note"] = ("compiled: inductor's CUDA graphs (mode reduce-overhead)"
+                                       if device.type == "cuda" else "not on CUDA")
+        elif device.type == "cuda" and bench.cuda_graphs:
             decoder, info = graph_decoder_or_reason(model, cache, positions, steps,
                                                     GRAPH_TOLERANCE[task["dtype"]], bench.warmup)
             out.update(info)
@@ -256,6 +289,7 @@ OURS_MODES: dict[str, Callable[[Any, dict[str, Any], torch.device], dict[str, An
     "probe_prefill": ours_probe_prefill, "probe_train": ours_probe_train,
 }
 INFERENCE_MODES = ("prefill", "decode", "memory", "probe_prefill")
+OURS_COMPILED_MODES = ("train", "prefill", "decode")  # the modes bench.compile applies to
 
 
 # ---- peers ------------------------------------------------------------------------------------
@@ -307,7 +341,8 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
                ) -> dict[str, Any]:
     """Ours and the peer in one process, timed call by call in alternation (ABBA order), so
     that a drift in the machine's load hits both alike; per pair, ratio = t_peer / t_ours (our
-    speed over theirs, same tokens). Decoding is eager on both sides."""
+    speed over theirs, same tokens). The peer runs eager; ours as the task says (compiled with
+    bench.compile, first call and compilation untimed)."""
     from archbench.evaluate.bench.measure import time_pair
 
     mode = task["mode"]
@@ -315,7 +350,8 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
     kwargs = {"warmup": b.warmup, "repeats": b.repeats, "min_seconds": b.min_seconds,
               "max_repeats": b.max_repeats, "max_seconds": b.max_seconds}
     if mode == "train":
-        ours_step = _train_step(task, ours, lambda x, ctx: ours(x, ctx=ctx), device)
+        forward = forward_of(ours, task, device)
+        ours_step = _train_step(task, ours, lambda x, ctx: forward(x, ctx=ctx), device)
         peer_step = _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device)
         mine, theirs = time_pair(ours_step, peer_step, device, **kwargs)
     else:
@@ -357,7 +393,10 @@ def _build_ours(task: dict[str, Any], device: torch.device, meta: bool) -> Any:
 
 def _describe(model: Any, task: dict[str, Any]) -> dict[str, Any]:
     weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
-    return {"params": model.param_counts(), "kernel_paths": model.kernel_paths(),
+    paths = model.kernel_paths()
+    if wants_compile(task) and task["mode"] in OURS_COMPILED_MODES:
+        paths = {kind: f"{path}+compiled" for kind, path in paths.items()}
+    return {"params": model.param_counts(), "kernel_paths": paths,
             "weight_bytes": model.weight_bytes(weights)}
 
 
