@@ -66,9 +66,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def differences(stored: dict[str, Any], requested: dict[str, Any],
                 keys: set[str] | None = None) -> list[tuple[str, Any, Any]]:
-    """(key, stored value, requested value) for keys that differ and may not, sorted."""
+    """(key, stored value, requested value) for keys that differ and may not, sorted. Without
+    `keys` (the keys a command set), a key only one side has is no difference: the schema grew
+    or shrank since that run, and its value was the default then."""
     a, b = flatten(stored), flatten(requested)
-    names = set(a) | set(b) if keys is None else keys
+    names = set(a) & set(b) if keys is None else keys
     return sorted((k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in names
                   if a.get(k, _ABSENT) != b.get(k, _ABSENT) and not _may_change(k))
 
