@@ -207,6 +207,7 @@ class GenerateConfig:
     stop_on_eos: bool = True
     prompts: list[str] = field(default_factory=list)  # a batch of prompts (else the root `prompt`)
     device: str = "auto"
+    compile: bool = False  # torch.compile the decode step (one graph, reused for every token)
 
 
 @dataclass

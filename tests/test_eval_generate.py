@@ -202,3 +202,28 @@ def test_run_generate_prints_completions_from_a_checkpoint(tmp_path: Path,
     assert texts == [g.text for g in expected]
     printed = capsys.readouterr().out
     assert "hello" + expected[1].text in printed
+
+
+def test_compiled_generation_gives_the_eager_text_and_reuses_one_graph(model: LanguageModel
+                                                                       ) -> None:
+    """generate(compile=True): the cache length is bucketed, so prompts of other lengths (and a
+    second call) reuse the one decode graph; the tokens equal eager generation's. Traced with
+    dynamo's eager backend (the graph plumbing; inductor's numerics are tests/test_compile.py's)."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(1)
+        return gm.forward
+
+    tok = ByteTokenizer()
+    s = Sampling(max_new_tokens=6, stop_on_eos=False)
+    eager = [generate(model, tok, [p], s) for p in PROMPTS]
+    torch._dynamo.reset()
+    model._compiled_step = torch.compile(model.decode_body, backend=counting, dynamic=False)
+    try:
+        compiled = [generate(model, tok, [p], s, compile=True) for p in PROMPTS]
+    finally:
+        model._compiled_step = None
+        torch._dynamo.reset()
+    assert [c[0].tokens for c in compiled] == [e[0].tokens for e in eager]
+    assert len(graphs) == 1

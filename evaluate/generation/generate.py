@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from archbench.archs.compiling import bucketed
 from archbench.config import ConfigError
 from archbench.train.tasks.base import position_limit
 
@@ -132,9 +133,15 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
              sampling: Sampling, device: torch.device | str | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+             on_token: Callable[[int, int], None] | None = None,
+             compile: bool = False) -> list[Generation]:
     """Generate for every prompt; with num_samples = N > 1, each result is the best of its N
-    samples (highest mean log-probability) and lists all of them in `candidates`."""
+    samples (highest mean log-probability) and lists all of them in `candidates`.
+
+    Every token after the prompt prefix is one `model.decode_step` (all layers in one function,
+    states updated in place). With `compile`, that step is compiled once (archs/compiling.py)
+    and the cache length rounded up to a multiple of CACHE_BUCKET, so later calls with prompts of
+    other lengths reuse the same graph."""
     if not prompts:
         raise SamplingError("no prompt given")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -158,7 +165,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
     done: list[str | None] = [None] * len(rows)
     was_training = model.training
     model.eval()
-    cache = model.init_cache(len(rows), max_len, device=device)
+    if compile and model._compiled_step is None:
+        model.compile_decoding()
+    cache = model.init_cache(len(rows), bucketed(max_len) if compile else max_len, device=device)
     common = min(lengths)
     prefix = torch.tensor([s[:common] for s in seqs], dtype=torch.long, device=device)
     logits = model(prefix, cache=cache)[:, -1].float()
@@ -179,9 +188,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
                 done[r] = _finished(tokenizer, sampling, new[r], texts, r, eos)
         if all(d is not None for d in done):
             break
-        step = torch.tensor([[s[pos] if pos < len(s) else eos] for s in seqs],
+        step = torch.tensor([s[pos] if pos < len(s) else eos for s in seqs],
                             dtype=torch.long, device=device)
-        logits = model(step, cache=cache)[:, -1].float()
+        logits = model.decode_step(step, cache).float()
     model.train(was_training)
     results = [Generation(list(encoded[p]), new[r], logps[r], texts[r], done[r] or "length", j)
                for r, (p, j) in enumerate(rows)]
@@ -223,7 +232,8 @@ def run_generate(cfg: Any) -> list[str]:
                           "cpu" if name == "auto" else name)
     model, tokenizer, _ = load_model(cfg.ckpt, device)
     prompts = list(g.get("prompts") or []) or [cfg.get("prompt") or ""]
-    results = generate(model, tokenizer, prompts, Sampling.from_config(g), device)
+    results = generate(model, tokenizer, prompts, Sampling.from_config(g), device,
+                       compile=bool(g.get("compile", False)))
     texts = []
     for prompt, result in zip(prompts, results):
         print(f"{prompt}{result.text}")
