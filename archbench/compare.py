@@ -256,7 +256,7 @@ class Comparison:
     def lineup(self) -> list[str]:
         from archbench.archs.sizing import solve_size
         from archbench.config import validate
-        from archbench.evaluate.bench.runner import vocab_size_of
+        from archbench.train.tokenizer import vocab_size_of
 
         arch_dir = resources.files("archbench.conf") / "arch"
         ready = []
@@ -488,7 +488,9 @@ def _child_cpu_seconds() -> float:
 
 def machine_text() -> str:
     """Host, CPU model and cores, memory, GPU: what the report's numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
+    from archbench.device import cpu_name
+
+    cpu = cpu_name()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
