@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from archbench.io import read_jsonl, write_text_atomic
+from archbench.tuning import LrChoice, TuningError, select_lr
 
 PRESETS = {"cpu": "compare", "gpu": "compare_gpu"}
 # Lines of a stage's output worth showing live; everything goes to the stage's log file.
@@ -148,11 +149,12 @@ class Stages:
         return rec
 
 
-def run_stage(cmd: list[str], log: Path) -> tuple[int, float]:
+def run_stage(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None
+              ) -> tuple[int, float]:
     """Run one stage process; its output goes to `log`, the telling lines also to the console."""
     log.parent.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     # Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads
     # waiting for a descheduled partner made a training step up to 15x slower (measured on the
     # 2-core demo machine: 6.8 s against 0.30 s per step); results are unchanged.
@@ -244,13 +246,18 @@ class Comparison:
         self.exe = archbench_exe()
         self.arch_overrides: dict[str, list[str]] = {
             k: list(v) for k, v in OmegaConf.to_container(self.cc.arch_overrides).items()}
+        check_tuning(self.cc)
+        self.tuned: dict[str, float] = {}  # backbone -> learning rate of the current study
+        self.forced: list[str] = []  # overrides that win over the user's (tuning budget)
         self.report_inputs: list[Path] = [self.sweep / "stages.jsonl"]
         self.load_before = os.getloadavg()[0]
         self.command = " ".join(["archbench compare", *argv])
 
     def overrides(self, extra: list[str], arch_ov: list[str] = ()) -> list[str]:
-        """A stage's overrides: the study's, the backbone's, then the user's (which win)."""
-        return [f"+experiment={self.experiment}", *extra, *arch_ov, *self.stage_overrides]
+        """A stage's overrides: the study's, the backbone's, then the user's (which win), then
+        what the stage itself must fix (the tuning budget)."""
+        return [f"+experiment={self.experiment}", *extra, *arch_ov, *self.stage_overrides,
+                *self.forced]
 
     # ---- which backbones ----------------------------------------------------------------------
     def lineup(self) -> list[str]:
@@ -279,26 +286,41 @@ class Comparison:
             ready.append(name)
         return ready
 
+    def backbone_overrides(self, name: str) -> list[str]:
+        """The backbone's own overrides: `compare.arch_overrides`, then its tuned learning rate
+        in the study being trained (a user's `train.lr=...` on the command line still wins)."""
+        own = list(self.arch_overrides.get(name, []))
+        if name in self.tuned:
+            own.append(f"train.lr={self.tuned[name]:g}")
+        return own
+
     def groups(self, backbones: list[str]) -> list[tuple[list[str], list[str]]]:
-        """Backbones that share their arch overrides run in one multirun."""
+        """Backbones that share their own overrides run in one multirun."""
         out: dict[tuple[str, ...], list[str]] = {}
         for name in backbones:
-            out.setdefault(tuple(self.arch_overrides.get(name, [])), []).append(name)
+            out.setdefault(tuple(self.backbone_overrides(name)), []).append(name)
         return [(list(k), v) for k, v in out.items()]
 
     def outcome(self, ok: bool) -> str:
         return "dry-run" if self.dry else "ok" if ok else "failed"
 
-    def stage(self, cmd: list[str], log: Path) -> tuple[int, float]:
+    def stage(self, cmd: list[str], log: Path, parallel: bool = False) -> tuple[int, float]:
+        """Run a stage; `parallel` stages (training, evaluation) run `compare.parallel` jobs at
+        once, each with its share of the cores (never the benchmarks: they time one job alone)."""
+        env: dict[str, str] = {}
+        jobs = int(self.cc.parallel)
+        if parallel and jobs > 1:
+            cmd = [*cmd[:-1], "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", cmd[-1]]
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
         if self.dry:
             print("    $ " + " ".join(cmd))
             return 0, 0.0
-        return run_stage(cmd, log)
+        return run_stage(cmd, log, env)
 
     def jobs(self, folder: Path, extra: list[str], name: str) -> list[tuple[Path, list[str]]]:
         """(run folder, overrides) of each job that `-m` over `extra` gives backbone `name`."""
         out = []
-        for job in expand_jobs([*self.overrides(extra, self.arch_overrides.get(name, [])),
+        for job in expand_jobs([*self.overrides(extra, self.backbone_overrides(name)),
                                 f"arch={name}"]):
             sub = override_dirname(job, self.exclude(extra))
             out.append((folder / name / sub if sub else folder / name, job))
@@ -307,7 +329,9 @@ class Comparison:
     def exclude(self, extra: list[str]) -> list[str]:
         """Keys kept out of run folder names: all but those swept by the user. A fixed setting
         that changed is caught by comparing configs (`stale`), so names stay short."""
-        fixed = self.overrides(extra, [o for v in self.arch_overrides.values() for o in v])
+        own = [o for v in self.arch_overrides.values() for o in v]
+        own += [f"train.lr={lr:g}" for lr in self.tuned.values()]
+        fixed = self.overrides(extra, own)
         swept = {o.key_or_group for o in _parse(fixed) if o.is_sweep_override()}
         keys = {o.key_or_group for o in _parse(fixed)} | {"arch"}
         base = set(self.cfg.hydra.job.config.override_dirname.exclude_keys)
@@ -360,12 +384,81 @@ class Comparison:
             print(f"  train {what} ...", flush=True)
             log = self.sweep / "logs" / f"train_{study}_{'_'.join(todo)}.log"
             cmd = self.sweep_cmd("train", folder, [*extra, "train.progress=false"], arch_ov, todo)
-            code, secs = self.stage(cmd, log)
+            code, secs = self.stage(cmd, log, parallel=True)
             for b in todo:
                 ok = all(finished(d) for d in runs[b])
                 self.stages.add("train", f"{study}: {b}", self.outcome(ok),
                                 returncode=code, seconds=secs / len(todo), log=str(log))
         return runs
+
+    def write_plan(self, backbones: list[str]) -> None:
+        """What the report needs to know of this comparison beyond the runs: the reference
+        backbone of its paired intervals, the seeds, the tuning grid."""
+        if self.dry:
+            return
+        reference = self.cc.reference or next(
+            (b for b in ("transformer", *backbones) if b in backbones), None)
+        plan = {"kind": "compare", "reference": reference, "backbones": backbones,
+                "seeds": [int(x) for x in self.cc.seeds],
+                "tune": OmegaConf.to_container(self.cc.tune, resolve=True),
+                "studies": list(self.cc.studies)}
+        path = self.sweep / "compare.jsonl"
+        write_text_atomic(path, json.dumps(plan) + "\n")
+        self.report_inputs.append(path)
+
+    # ---- learning rates -------------------------------------------------------------------
+    def seed_overrides(self, spec: Any) -> list[str]:
+        """`train.seed=` of a study's main runs: its `seeds`, else `compare.seeds`, unless the
+        study's overrides or the user's set train.seed themselves."""
+        if any(o.key_or_group == "train.seed"
+               for o in _parse([*spec.train, *self.stage_overrides])):
+            return []
+        seeds = [int(s) for s in (self.cc.seeds if spec.seeds is None else spec.seeds)]
+        return [f"train.seed={','.join(str(s) for s in seeds)}"]
+
+    def tune(self, study: str, extra: list[str], backbones: list[str]) -> dict[str, float]:
+        """Short runs of every backbone at each learning rate of `compare.tune.lrs` (folder
+        `<sweep>/tune_<study>/`); returns each backbone's rate of lowest final validation loss.
+        An edge winner gets `extend_by` more rates beyond that edge, once."""
+        tc = self.cc.tune
+        grid = [float(x) for x in tc.lrs]
+        base = [*extra, *tc.overrides]
+        name = f"tune_{study}"
+        # the tuning budget wins over a user's train.tokens, which sizes the main runs
+        self.forced = [f"train.tokens={float(tc.tokens):g}"]
+        try:
+            return self._tune(study, name, base, grid, backbones)
+        finally:
+            self.forced = []
+
+    def _tune(self, study: str, name: str, base: list[str], grid: list[float],
+              backbones: list[str]) -> dict[str, float]:
+        tc = self.cc.tune
+        runs = self.train(name, [*base, lr_sweep(grid)], backbones)
+        choices = {b: choose(runs[b]) for b in backbones}
+        edge = {b: c for b, c in choices.items() if c is not None and c.at_edge and c.extension}
+        if tc.extend and edge:
+            for ext, names in _by_extension(edge).items():
+                more = self.train(name, [*base, lr_sweep(ext)], names)
+                for b in names:
+                    runs[b] += more[b]
+                    choices[b] = choose(runs[b])
+        records = []
+        for b in backbones:
+            c = choices[b]
+            if c is None:
+                print(f"  tune {study}: {b}: no finished tuning run; its main run keeps "
+                      f"train.lr of the experiment")
+                continue
+            flag = f" (best at the {c.edge} edge of the grid)" if c.at_edge else ""
+            print(f"  tune {study}: {b}: lr {c.lr:g}{flag}")
+            records.append(tuning_record(study, b, c, float(tc.tokens), grid))
+        if not self.dry:
+            path = self.sweep / name / "tuning.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+            self.report_inputs.append(path)
+        return {r["arch"]: r["chosen_lr"] for r in records}
 
     # ---- eval -----------------------------------------------------------------------------
     def evaluate(self, study: str, evals: list[Any], runs: dict[str, list[Path]]) -> None:
@@ -394,7 +487,7 @@ class Comparison:
                        f"eval.tasks=[{','.join(tasks)}]", f"ckpt={ckpts}",
                        f"hydra.sweep.dir={self.sweep / 'logs' / f'eval_{study}_{i}'}",
                        "hydra.sweep.subdir=${hydra.job.num}", "-m"]
-                code, secs = self.stage(cmd, log)
+                code, secs = self.stage(cmd, log, parallel=True)
                 for b, run_dir in targets:
                     left = eval_done(run_dir, list(tasks))
                     self.stages.add("eval", f"{study}: {b} {'+'.join(tasks)}",
@@ -440,10 +533,16 @@ class Comparison:
         print(f"archbench compare: experiment {self.experiment}, sweep folder {self.sweep}")
         backbones = self.lineup()
         print(f"  backbones: {', '.join(backbones) or 'none'}")
+        self.write_plan(backbones)
         for study, spec in self.cc.studies.items():
-            runs = self.train(study, list(spec.train), backbones)
+            chosen = [b for b in backbones if not spec.backbones or b in spec.backbones]
+            self.tuned = {}
+            if study in self.cc.tune.studies:
+                self.tuned = self.tune(study, list(spec.train), chosen)
+            runs = self.train(study, [*list(spec.train), *self.seed_overrides(spec)], chosen)
             self.evaluate(study, list(spec.evals), runs)
             self.report_inputs += [d for ds in runs.values() for d in ds if d.is_dir()]
+        self.tuned = {}
         if self.cc.bench:
             self.bench(backbones)
         if self.dry:
@@ -470,11 +569,98 @@ class Comparison:
             f"`{self.cfg.bench.name}`.", "",
             "Studies (overrides of each training sweep, on top of the experiment's): "
             + "; ".join(f"`{name}`: {' '.join(spec.train) or '(none)'}"
+                        + (f" (backbones: {', '.join(spec.backbones)})" if spec.backbones else "")
                         for name, spec in self.cc.studies.items()) + ".", "",
+            f"Seeds of the main runs: {', '.join(str(x) for x in self.cc.seeds)}"
+            + "".join(f" ({name}: {', '.join(str(x) for x in spec.seeds)})"
+                      for name, spec in self.cc.studies.items() if spec.seeds is not None)
+            + "; learning "
+            + (f"rates tuned per backbone in {', '.join(self.cc.tune.studies)} over "
+               f"{list(self.cc.tune.lrs)} at {float(self.cc.tune.tokens):g} tokens "
+               "(section Learning rates)." if self.cc.tune.studies else
+               "rates as set in the experiment (not tuned)."), "",
+            *[line for note in self.cc.notes for line in (f"Note: {note}", "")],
         ]
         path, _ = build_report(self.report_inputs, self.cc.out, self.cc.title, preamble,
                                command=self.command)
         return path
+
+
+def check_tuning(cc: Any) -> None:
+    """compare.tune and compare.seeds, checked before any work."""
+    from archbench.config import ConfigError
+
+    tc = cc.tune
+    unknown = [s for s in tc.studies if s not in cc.studies]
+    if unknown:
+        raise ConfigError(f"compare.tune.studies={list(tc.studies)} names {unknown}, which are "
+                          f"not studies of this comparison ({sorted(cc.studies)})")
+    if not tc.lrs or any(float(x) <= 0 for x in tc.lrs):
+        raise ConfigError(f"compare.tune.lrs={list(tc.lrs)} is not allowed; it must be a "
+                          "non-empty list of learning rates > 0")
+    if float(tc.tokens) <= 0:
+        raise ConfigError(f"compare.tune.tokens={tc.tokens} is not allowed; it must be > 0")
+    if int(tc.extend_by) < 1:
+        raise ConfigError(f"compare.tune.extend_by={tc.extend_by} is not allowed; it must be "
+                          ">= 1")
+    if not cc.seeds:
+        raise ConfigError("compare.seeds=[] is not allowed; give at least one seed")
+    if int(cc.parallel) < 1:
+        raise ConfigError(f"compare.parallel={cc.parallel} is not allowed; it must be >= 1")
+    for name, spec in cc.studies.items():
+        if spec.seeds is not None and not spec.seeds:
+            raise ConfigError(f"compare.studies.{name}.seeds=[] is not allowed; give at least "
+                              "one seed or null (compare.seeds)")
+        extra = [b for b in spec.backbones if b not in cc.backbones]
+        if extra:
+            raise ConfigError(f"compare.studies.{name}.backbones names {extra}, which are not in "
+                              f"compare.backbones {list(cc.backbones)}")
+    if cc.reference is not None and cc.reference not in cc.backbones:
+        raise ConfigError(f"compare.reference={cc.reference!r} is not one of compare.backbones "
+                          f"{list(cc.backbones)}")
+
+
+def lr_sweep(lrs: Iterable[float]) -> str:
+    """A sweep override even for one rate (choice(...)), so every tuning run's folder is named
+    by its rate and an extension never lands in another rate's folder."""
+    return "train.lr=choice(" + ",".join(f"{x:g}" for x in lrs) + ")"
+
+
+def choose(run_dirs: list[Path]) -> LrChoice | None:
+    """The best learning rate of finished runs by final validation loss (mean over seeds)."""
+    by_lr: dict[float, list[float]] = {}
+    for d in run_dirs:
+        summary = _summary(d)
+        if summary.get("status") != "finished":
+            continue
+        lr = float(((summary.get("config") or {}).get("train") or {}).get("lr"))
+        loss = (summary.get("final") or {}).get("loss")
+        by_lr.setdefault(lr, []).append(float("inf") if loss is None else float(loss))
+    if not by_lr:
+        return None
+    try:
+        return select_lr([(lr, sum(v) / len(v)) for lr, v in by_lr.items()])
+    except TuningError:
+        return None
+
+
+def _by_extension(choices: dict[str, LrChoice]) -> dict[tuple[float, ...], list[str]]:
+    out: dict[tuple[float, ...], list[str]] = {}
+    for b, c in choices.items():
+        out.setdefault(c.extension, []).append(b)
+    return out
+
+
+def tuning_record(study: str, arch: str, choice: LrChoice, tokens: float,
+                  grid: list[float]) -> dict[str, Any]:
+    """What the report shows of one backbone's tuning: every (lr, loss), the choice, the edge."""
+    return {
+        "kind": "lr_tune", "study": study, "arch": arch, "metric": "val_loss",
+        "tokens": tokens, "grid": grid, "lrs": list(choice.grid),
+        "losses": [None if v == float("inf") else v for v in choice.losses],
+        "chosen_lr": choice.lr, "chosen_loss": choice.loss, "edge": choice.edge,
+        "extended": len(choice.grid) > len(grid),
+    }
 
 
 def _tokens(value: Any) -> str:

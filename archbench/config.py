@@ -225,6 +225,23 @@ class CompareStudyConfig:
 
     train: list[str] = field(default_factory=list)
     evals: list[CompareEvalConfig] = field(default_factory=list)
+    backbones: list[str] = field(default_factory=list)  # a subset of compare.backbones; [] = all
+    seeds: list[int] | None = None  # seeds of this study's main runs; None: compare.seeds
+
+
+@dataclass
+class CompareTuneConfig:
+    """Per-backbone learning rates (archbench/tuning.py): before a study's main runs, every
+    backbone trains `tokens` tokens at each rate of `lrs`; the lowest final validation loss picks
+    the rate of its main runs. A best rate at the grid's edge adds `extend_by` points beyond it
+    once (`extend: true`); still at the edge, it is flagged in the report."""
+
+    studies: list[str] = field(default_factory=list)  # studies tuned this way (e.g. [lm])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    tokens: float = 50000.0
+    extend: bool = True
+    extend_by: int = 1
+    overrides: list[str] = field(default_factory=list)  # extra overrides of the tuning runs
 
 
 @dataclass
@@ -235,6 +252,11 @@ class CompareConfig:
         "transformer", "gpt2", "mamba", "mamba2", "rwkv7", "jamba"])
     arch_overrides: dict[str, list[str]] = field(default_factory=dict)  # backbone -> overrides
     studies: dict[str, CompareStudyConfig] = field(default_factory=dict)
+    tune: CompareTuneConfig = field(default_factory=CompareTuneConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])  # main runs of every study
+    reference: str | None = None  # the backbone every other is compared with (report)
+    parallel: int = 1  # training / eval jobs at once (joblib launcher), cores split between them
+    notes: list[str] = field(default_factory=list)  # said in the report (e.g. what is left out)
     bench: bool = True
     bench_overrides: list[str] = field(default_factory=list)
     sweep_dir: str = "multirun/compare"

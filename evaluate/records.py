@@ -26,6 +26,11 @@ Every evaluator appends JSON lines to `<run dir>/records.jsonl` (or the file giv
     stderr      standard error of `value` where it is known (accuracy, lm-eval), else absent
     primary     synthetic tasks: True on the task's headline metric (accuracy for MQAR / MAD /
                 induction / copying, exact_match for passkey)
+    windows     bpb/bpb only: {"nats", "tokens", "bytes"}, one entry per validation window in
+                order (the same first windows for every backbone), so the report can pair
+                backbones window by window (evaluate/stats.py paired bootstrap)
+    correct     synthetic accuracy only: right answers of each test example, in order (the same
+                examples for every backbone), for the same pairing
     ckpt        checkpoint folder that was evaluated
     run         run name (the run directory's name)
     arch        backbone name (arch.name)

@@ -1,6 +1,8 @@
 """`archbench compare` end to end on a very small configuration (two backbones, a few hundred
-tokens): every stage runs and the report appears; run again, nothing is trained, evaluated or
-benchmarked a second time; a changed setting is noticed. The GPU preset expands (dry run)."""
+tokens; the CI-sized form of `make demo`: the same stages, tuning and seeds, tiny budgets): every
+stage runs and the report appears, learning rates are tuned per backbone and the report leads with
+its intervals; run again, nothing is trained, evaluated or benchmarked a second time; a changed
+setting is noticed. The GPU preset expands (dry run)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ SMALL = ["compare.backbones=[transformer,mamba]", "~compare.studies.mqar",
          "train.batch_size=4", "train.eval_every=1", "train.eval_batches=1",
          "eval.max_batches=1", "eval.batch_size=2", "eval.extrapolation=[1,2]",
          "bench.contexts=[16,32]", "bench.repeats=1", "bench.warmup=0", "bench.min_seconds=0",
-         "bench.decode_tokens=2", "bench.isolate=false", "bench.modes=[prefill,decode]"]
+         "bench.decode_tokens=2", "bench.isolate=false", "bench.modes=[prefill,decode]",
+         "compare.tune.lrs=[1e-3,1e-2]", "compare.tune.tokens=128", "compare.seeds=[0,1]",
+         "compare.parallel=2"]
 
 
 def _compare(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
@@ -55,7 +59,24 @@ def test_compare_builds_the_report_and_a_second_run_skips_finished_work(
     stages = _stages(tmp_path)
     assert {(s["stage"], s["status"]) for s in stages} == {
         ("train", "ok"), ("eval", "ok"), ("bench", "ok")}
-    runs = [tmp_path / "sweep" / "lm" / a for a in ("transformer", "mamba")]
+    # the tuning stage: every backbone at every rate, one choice each, shown in the report
+    tuning = [json.loads(x) for x in (tmp_path / "sweep" / "tune_lm" / "tuning.jsonl")
+              .read_text().splitlines()]
+    assert {t["arch"] for t in tuning} == {"transformer", "mamba"}
+    for t in tuning:
+        assert set(t["grid"]) <= set(t["lrs"]) and t["chosen_lr"] in t["lrs"]
+        tuned_run = tmp_path / "sweep" / "tune_lm" / t["arch"] / "train.lr=0.001"
+        # the tuning budget, not the user's train.tokens=256 of the main runs
+        assert json.loads((tuned_run / "summary.json").read_text())["tokens_budget"] == 128
+        run = tmp_path / "sweep" / "lm" / t["arch"] / "train.seed=0"
+        used = json.loads((run / "summary.json").read_text())["config"]["train"]["lr"]
+        assert used == t["chosen_lr"]  # the main run trained at the tuned rate
+    assert "## Learning rates" in text and (tmp_path / "report" / "lr_tuning_lm.png").is_file()
+    assert text.index("## What this comparison shows") < text.index("## Summary")
+    shows = text.split("## What this comparison shows")[1].split("\n## ")[0]
+    assert "Validation bits per byte" in shows and "| **mamba** | validation bits" in shows
+    runs = [tmp_path / "sweep" / "lm" / a / f"train.seed={s}" for a in ("transformer", "mamba")
+            for s in (0, 1)]
     for run in runs:
         assert json.loads((run / "summary.json").read_text())["status"] == "finished"
         evals = {r["eval"] for r in map(json.loads, (run / "records.jsonl").read_text()
@@ -70,18 +91,21 @@ def test_compare_builds_the_report_and_a_second_run_skips_finished_work(
         assert f"skipping {run}: already finished" in second
         assert f"skipping eval bpb+extrapolation of {run}: records present" in second
     assert "skipping bench of transformer: bench.csv present" in second
+    assert "tune lm: mamba: lr" in second  # chosen again from the finished tuning runs
     assert {s["status"] for s in _stages(tmp_path)} == {"skipped"}
     assert report.is_file() and "| **mamba** |" in report.read_text()
 
     # a changed setting is seen: the finished run no longer matches what would run now
-    comparison = Comparison([*SMALL, "train.lr=0.01", f"compare.sweep_dir={tmp_path / 'sweep'}"])
+    comparison = Comparison([*SMALL, "train.lr=0.0456", f"compare.sweep_dir={tmp_path / 'sweep'}"])
     (job_dir, job), = comparison.jobs(tmp_path / "sweep" / "lm", [], "mamba")
-    assert job_dir == runs[1]
-    saved = json.loads((runs[1] / "summary.json").read_text())["config"]
-    assert comparison.stale(saved, job, TRAIN_SECTIONS) == ["train.lr: 0.003 then, 0.01 now"]
+    assert job_dir == tmp_path / "sweep" / "lm" / "mamba"
+    saved = json.loads((runs[2] / "summary.json").read_text())["config"]
+    tuned = saved["train"]["lr"]
+    assert comparison.stale(saved, job, TRAIN_SECTIONS) == [f"train.lr: {tuned!r} then, 0.0456 now"]
     same = Comparison([*SMALL, f"compare.sweep_dir={tmp_path / 'sweep'}"])
-    assert same.stale(saved, same.jobs(tmp_path / "sweep" / "lm", [], "mamba")[0][1],
-                      TRAIN_SECTIONS) == []
+    same.tuned = {"mamba": tuned}
+    (seed0, job0), _ = same.jobs(tmp_path / "sweep" / "lm", ["train.seed=0,1"], "mamba")
+    assert seed0 == runs[2] and same.stale(saved, job0, TRAIN_SECTIONS) == []
 
 
 def test_differences_ignore_new_keys_and_settings_that_change_nothing() -> None:
@@ -100,12 +124,24 @@ def test_gpu_preset_expands_every_study_in_a_dry_run(tmp_path: Path,
     assert "experiment compare_gpu" in out and "nothing was run" in out
     assert "backbones: transformer, gpt2, mamba, mamba2, rwkv7, jamba" in out
     train = [line for line in out.splitlines() if "archbench train" in line]
-    assert len(train) == 3  # lm, mqar, induction: one multirun each
-    assert "train.seed=0,1" in train[0] and "size=micro,tiny,xs" in train[1]
+    assert len(train) == 4  # lr tuning, lm, mqar, induction: one multirun each
+    assert "train.lr=choice(0.0003,0.001,0.003)" in train[0] and "train.tokens=5e+06" in train[0]
+    assert "train.seed=0,1" in train[1] and "size=micro,tiny,xs" in train[2]
     assert f"{tmp_path / 'gpu'}/lm/mamba/train.seed=1" in out  # two seeds, one folder each
-    assert f"{tmp_path / 'gpu'}/mqar/jamba/size=xs" in out
+    assert f"{tmp_path / 'gpu'}/mqar/jamba/size=xs,train.lr=0.001" in out
     assert "archbench bench +experiment=compare_gpu" in out
     assert not (tmp_path / "gpu").exists()
+
+
+def test_bad_tuning_settings_fail_before_any_work() -> None:
+    from archbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compare.tune.lrs"):
+        Comparison(["compare.tune.lrs=[0.001,-1]"])
+    with pytest.raises(ConfigError, match="compare.tune.studies"):
+        Comparison(["compare.tune.studies=[nope]"])
+    with pytest.raises(ConfigError, match="compare.reference"):
+        Comparison(["compare.reference=s4"])
 
 
 def test_unknown_preset_is_refused() -> None:

@@ -316,6 +316,7 @@ def unfair_settings(rep: Report) -> list[str]:
     if len(set(budgets.values())) > 1:
         out.append("different training budgets: " + ", ".join(
             f"{k} {v}" for k, v in sorted(budgets.items())))
+    out += _short_budget(lm)
     fits = [(r.label, (r.summary.get("size_fit") or {}).get("error")) for r in lm]
     off = [f"{lb} {e:+.0%}" for lb, e in fits if e is not None and abs(e) > 0.05]
     if off:
@@ -330,6 +331,21 @@ def unfair_settings(rep: Report) -> list[str]:
         out.append("one seed per backbone: the intervals hold the noise of the validation "
                    "windows only, not of training")
     return out
+
+
+def _short_budget(lm_runs: list[Any]) -> list[str]:
+    """Far below 20 tokens per parameter (compute-optimal, Hoffmann et al. 2022), quality
+    measures how fast each family learns early on, not what it converges to."""
+    ratios = []
+    for r in lm_runs:
+        tokens = r.summary.get("tokens_seen") or r.summary.get("tokens_budget")
+        params = (r.summary.get("param_counts") or {}).get("active")
+        if tokens and params:
+            ratios.append(float(tokens) / float(params))
+    if ratios and max(ratios) < 2:
+        return [f"short training: at most {max(ratios):.2g} tokens per parameter (compute-optimal "
+                "is about 20): the quality numbers compare early training, not trained models"]
+    return []
 
 
 def _lr_fairness(rep: Report, lm_runs: list[Any]) -> list[str]:
