@@ -23,12 +23,12 @@ from typing import Any
 
 from archbench.evaluate.reporting import output
 from archbench.evaluate.reporting.data import Collection, Labels, Report, device_text, load
-from archbench.evaluate.reporting.quality import (
 from archbench.evaluate.reporting.findings import (
     section_fairness,
     section_findings,
     section_tuning,
 )
+from archbench.evaluate.reporting.quality import (
     section_lineup,
     section_lm_eval,
     section_quality,
@@ -44,14 +44,14 @@ from archbench.progress import Progress
 
 DEFAULT_OUT = Path("reports/latest")
 
-SECTIONS: list[tuple[str, Callable[[Report], bool]]] = [
 # The answer first: what differs between the backbones, then what the data shows (only claims
 # that pass a 95% test), then how the report was made, then the tables.
 LEADING: list[Callable[[Report], bool]] = [section_fairness, section_findings]
+SECTIONS: list[tuple[str, Callable[[Report], bool]]] = [
     ("Summary", section_summary),
     ("Line-up", section_lineup),
-    ("Quality", section_quality),
     ("Learning rates", section_tuning),
+    ("Quality", section_quality),
     ("Synthetic tasks", section_synthetic),
     ("Efficiency", section_efficiency),
     ("lm-eval", section_lm_eval),
