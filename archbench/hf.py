@@ -178,6 +178,26 @@ def build_imported(folder: Path, name: str | None = None) -> tuple[Any, Any, dic
     return model.float().eval(), tokenizer, source
 
 
+def _write_summary(out: Path, model: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
+    """summary.json, so `archbench report` lists the imported model beside trained runs: no
+    training here (no tokens, no validation curve), its evaluations come from `archbench eval`."""
+    from archbench.io import write_json_atomic
+    from archbench.provenance import provenance
+
+    write_json_atomic(out / "summary.json", {
+        "status": "finished", "run": out.name, "arch": model.arch.name, "size": "published",
+        "seed": None, "tokens_seen": None, "final": {}, "dtype": str(torch.float32),
+        "layer_plan": [list(p) for p in model.plan],
+        "size_fit": {"d_model": int(model.arch.d_model), "n_layers": int(model.arch.n_layers)},
+        "tokenizer": tokenizer.identity, "param_counts": meta["param_counts"],
+        "kernel_paths": meta["kernel_paths"], "config": meta["config"],
+        "arch_config": meta["arch"], "imported_from": {k: v for k, v in
+                                                       meta["imported_from"].items()
+                                                       if k != "config"},
+        "provenance": provenance("cpu"),
+    })
+
+
 def import_model(source: str, out: str | Path, name: str | None = None, seq_len: int = 1024,
                  revision: str | None = None) -> Path:
     """Write an archbench run folder holding the published model as checkpoint step 0."""
@@ -199,6 +219,7 @@ def import_model(source: str, out: str | Path, name: str | None = None, seq_len:
             "tokenizer": tokenizer.identity, "param_counts": model.param_counts(),
             "kernel_paths": resolve_kernels(model, "cpu"), "imported_from": provenance}
     ckpt = save_checkpoint(out, 0, model, None, tokenizer, meta)
+    _write_summary(out, model, tokenizer, meta)
     conf = out / "conf" / "arch" / f"{model.arch.name}.yaml"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(OmegaConf.to_yaml(OmegaConf.create(arch)), encoding="utf-8")

@@ -151,3 +151,9 @@ def test_imported_run_evaluates_like_a_trained_one(tmp_path: Path) -> None:
                (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     bpb = [r for r in records if r.get("metric") == "bpb"]
     assert bpb and bpb[0]["arch"] == "tiny-mamba" and bpb[0]["status"] == "ok"
+    from archbench.evaluate.reporting.build import main as report_main
+
+    report_main([str(tmp_path / "run"), "-o", str(tmp_path / "report")])
+    report = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| **tiny-mamba** | 1 |"))
+    assert f"{bpb[0]['value']:.3f}" in row  # the eval's bits per byte, in the quality table
