@@ -167,7 +167,8 @@ class H3(Sublayer):
                 ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, H3State) else None
         if st is not None and x.shape[1] == 1:
-            return self._step(x, st)
+            st.length += 1
+            return self._decode(x[:, 0], st).unsqueeze(1)
         q, k, v = (p(x).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         k = self._shift(k, st)
         kv = self._heads(k, 1) * self._heads(v, 2)  # (B, d_head, d_head, H, L)
@@ -180,13 +181,20 @@ class H3(Sublayer):
             st.length += x.shape[1]
         return self.output_linear(self._merge(y).transpose(1, 2).to(x.dtype))
 
-    def _step(self, x: torch.Tensor, st: H3State) -> torch.Tensor:
-        q, k, v = (p(x[:, 0]) for p in (self.q_proj, self.k_proj, self.v_proj))
+    def _decode(self, x: torch.Tensor, st: H3State) -> torch.Tensor:
+        """One token (B, d) -> (B, d), both states updated in place; bookkeeping left to callers."""
+        q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
         window = torch.cat([st.k_window, k.unsqueeze(-1).to(st.k_window.dtype)], dim=-1)
         k = (window * self.shift_taps.flip(-1)).sum(-1) + self.shift_D * k
         st.k_window.copy_(window[..., 1:])
         kv = self._heads(k, 1) * self._heads(v, 2)  # (B, d_head, d_head, H)
         s = self.ssm.step(kv, torch.view_as_complex(st.h)) + self.D * kv
         y = (s * self._heads(q, 1)).sum(1)
-        st.length += 1
-        return self.output_linear(self._merge(y).to(x.dtype)).unsqueeze(1)
+        return self.output_linear(self._merge(y).to(x.dtype))
+
+    def decode_step(self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+                    ctx: ForwardContext) -> torch.Tensor:
+        """Shift register and diagonal SSM step; neither needs the position."""
+        if not isinstance(state, H3State):
+            raise TypeError(f"H3.decode_step needs an H3State, got {type(state).__name__}")
+        return self._decode(x, state)

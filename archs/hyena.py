@@ -209,6 +209,28 @@ class Hyena(Sublayer):
                 out = fft_causal_conv(st.history[n, ..., :end], filters[n, :, :end])[..., start:]
         return out + self.filter_bias[n].unsqueeze(-1) * z
 
+    def decode_step(self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+                    ctx: ForwardContext) -> torch.Tensor:
+        """One token at `position` with static shapes (what compiled decoding needs): each long
+        convolution is a masked dot product of its whole preallocated history with the filter
+        reversed at `position`, so a compiled step costs O(max_len) per channel; the eager path
+        (`forward` on one token) reads only the first position + 1 entries."""
+        if not isinstance(state, HyenaState):
+            raise TypeError(f"Hyena.decode_step needs a HyenaState, got {type(state).__name__}")
+        u = self.in_proj(x)
+        window = torch.cat([state.conv_window, u.unsqueeze(-1).to(state.conv_window.dtype)], -1)
+        state.conv_window.copy_(window[..., 1:])
+        streams = (window * self.short_filter.weight.squeeze(1)).sum(-1) + self.short_filter.bias
+        *gates, z = streams.to(x.dtype).split(self.d_model, dim=1)
+        lags = position - torch.arange(state.history.shape[-1], device=x.device)
+        for n, gate in enumerate(gates):
+            history = state.history[n]
+            history.index_copy_(-1, position.view(1), z.unsqueeze(-1).to(history.dtype))
+            reversed_filter = state.filters[n][:, lags.clamp(min=0)] * (lags >= 0)
+            out = (history * reversed_filter.to(history.dtype)).sum(-1)
+            z = gate * (out + self.filter_bias[n] * z)
+        return self.out_proj(z)
+
     def forward(self, x: torch.Tensor, state: LayerState | None = None,
                 ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, HyenaState) else None

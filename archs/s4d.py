@@ -207,20 +207,30 @@ class S4D(Sublayer):
         complex multiply-add and mode, counted once per sequence position) and D, GELU, GLU."""
         return self.d_model * (fft_flops_per_channel(context) + 8 * self.ssm.modes + 12)
 
+    def _decode(self, x: torch.Tensor, st: S4DState) -> torch.Tensor:
+        """One token (B, d) -> (B, d), the state updated in place; bookkeeping left to callers."""
+        y = self.ssm.step(x, torch.view_as_complex(st.h)) + self.D * x
+        return F.glu(self.output_linear(F.gelu(y).to(x.dtype)), dim=-1)
+
+    def decode_step(self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
+                    ctx: ForwardContext) -> torch.Tensor:
+        """The recurrence needs no position: h <- dA h + dB x, y = 2 Re(C h) + D x."""
+        if not isinstance(state, S4DState):
+            raise TypeError(f"S4D.decode_step needs an S4DState, got {type(state).__name__}")
+        return self._decode(x, state)
+
     def forward(self, x: torch.Tensor, state: LayerState | None = None,
                 ctx: ForwardContext | None = None) -> torch.Tensor:
         st = state if isinstance(state, S4DState) else None
-        u = x.transpose(1, 2)  # (B, d, L)
         if st is not None and x.shape[1] == 1:
-            y = self.ssm.step(u[..., 0], torch.view_as_complex(st.h)).unsqueeze(-1)
-        else:
-            h0 = torch.view_as_complex(st.h) if st is not None else None
-            y, h = self.ssm(u, h0, return_state=st is not None)
-            if st is not None and h is not None:
-                st.h.copy_(torch.view_as_real(h))
-        if st is not None:
+            st.length += 1
+            return self._decode(x[:, 0], st).unsqueeze(1)
+        u = x.transpose(1, 2)  # (B, d, L)
+        h0 = torch.view_as_complex(st.h) if st is not None else None
+        y, h = self.ssm(u, h0, return_state=st is not None)
+        if st is not None and h is not None:
+            st.h.copy_(torch.view_as_real(h))
             st.length += x.shape[1]
         y = y + self.D.unsqueeze(-1) * u
         y = F.gelu(y).transpose(1, 2).to(x.dtype)
         return F.glu(self.output_linear(y), dim=-1)
-

@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from archbench.archs.h3 import H3, H3Config
 from archbench.archs.hyena import Hyena, HyenaConfig
 from archbench.archs.kernels.fftconv import direct_causal_conv, fft_causal_conv
+from archbench.archs.model import LanguageModel
 from archbench.archs.s4d import S4D, DiagonalSSM, S4DConfig
-from archbench.config import ConfigError
+from archbench.config import ConfigError, arch_schema
 
 F64 = torch.float64
 
@@ -162,3 +164,22 @@ def test_ssm_parameters_are_flagged_for_the_optimizer_rule() -> None:
     assert _mixer("s4d", ssm_lr=None).lr_overrides() == {}
     names = dict(s4d.named_parameters())
     assert all(name in names for name in s4d.lr_overrides())
+
+
+@pytest.mark.parametrize("mixer", ["s4d", "h3", "hyena"])
+def test_static_decode_step_equals_the_full_forward(mixer: str) -> None:
+    """LanguageModel.decode_step (tensor position, what compiled decoding runs) after a prefill
+    gives the full forward's logits, for the three mixers behind the shell."""
+    arch = OmegaConf.merge(OmegaConf.structured(arch_schema()), {
+        "pattern": {"mixers": [mixer], "mlps": ["dense"]}, "n_layers": 2, "d_model": 32,
+        "h3": {"head_dim": 4}, "s4d": {"d_state": 8}, "hyena": {"l_max": 16}})
+    torch.manual_seed(0)
+    model = LanguageModel(arch, 29).to(F64).eval()
+    seq = torch.randint(0, 29, (2, 15), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(seq)
+        cache = model.init_cache(2, 20)
+        model(seq[:, :6], cache)
+        steps = torch.stack([model.decode_step(seq[:, t], cache) for t in range(6, 15)], 1)
+    assert model.static_decode
+    torch.testing.assert_close(steps, full[:, 6:], atol=1e-10, rtol=0)
