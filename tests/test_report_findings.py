@@ -103,3 +103,23 @@ def test_no_claims_without_paired_data(tmp_path: Path) -> None:
     assert "better** than" not in text and "worse** than" not in text
     assert "scored on other windows" in text
     assert "learning rate not tuned per backbone" not in text  # no training runs: nothing said
+
+
+def test_a_plain_lr_sweep_gets_the_learning_rate_section(tmp_path: Path) -> None:
+    # `archbench train arch=... train.lr=a,b,c -m` then `archbench report`: best per backbone
+    for arch, losses in (("transformer", (2.6, 2.3, 2.5)), ("mamba", (2.6, 2.4, 2.2))):
+        for lr, loss in zip((1e-3, 3e-3, 1e-2), losses, strict=True):
+            run = tmp_path / "sweep" / f"{arch}-{lr}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({
+                "arch": arch, "status": "finished", "run": run.name, "tokens_budget": 1000,
+                "config": {"train": {"lr": lr}, "data": {"source": "stdlib"}},
+                "final": {"loss": loss, "bpb": loss / math.log(2)}}))
+    path, _ = build_report([tmp_path / "sweep"], tmp_path / "out", "t")
+    text = path.read_text()
+    section = text.split("## Learning rates")[1].split("\n## ")[0]
+    transformer = next(line for line in section.splitlines() if "**transformer**" in line)
+    mamba = next(line for line in section.splitlines() if "**mamba**" in line)
+    assert "| 0.003 | inside the grid |" in transformer
+    assert "| 0.01 | at the high edge |" in mamba
+    assert "mamba (lm): best learning rate 0.01 is at the high edge" in text

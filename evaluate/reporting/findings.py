@@ -22,6 +22,7 @@ from archbench.evaluate import stats
 from archbench.evaluate.reporting import plots
 from archbench.evaluate.reporting.data import Report, md_table
 from archbench.evaluate.reporting.systems import kernel_flags
+from archbench.tuning import TuningError, select_lr
 
 LEVEL = 0.95
 
@@ -349,7 +350,7 @@ def _short_budget(lm_runs: list[Any]) -> list[str]:
 
 
 def _lr_fairness(rep: Report, lm_runs: list[Any]) -> list[str]:
-    tuned = rep.col.of_kind("lr_tune")
+    tuned = rep.col.of_kind("lr_tune") or sweep_tuning(rep)
     out = []
     if not tuned:
         lrs = {((r.summary.get("config") or {}).get("train") or {}).get("lr") for r in lm_runs}
@@ -378,9 +379,41 @@ def section_fairness(rep: Report) -> bool:
 
 # ---- learning rates --------------------------------------------------------------------------
 
+def sweep_tuning(rep: Report) -> list[dict[str, Any]]:
+    """lr_tune records derived from any sweep over train.lr (`archbench train ... train.lr=
+    1e-3,3e-3,1e-2 -m`, then `archbench report`): per backbone and training budget with at least
+    two rates, the best final validation loss (mean over seeds) and its edge, as the tuning
+    stage of `archbench compare` writes them."""
+    groups: dict[tuple[str, Any, Any], dict[float, list[float]]] = defaultdict(
+        lambda: defaultdict(list))
+    for run in rep.col.runs:
+        train = (run.summary.get("config") or {}).get("train") or {}
+        loss = (run.summary.get("final") or {}).get("loss")
+        if not run.finished or train.get("lr") is None:
+            continue
+        # the backbone, not its label: a label may carry the swept rate itself
+        key = (run.arch, run.task or "lm", run.summary.get("tokens_budget"))
+        groups[key][float(train["lr"])].append(float("inf") if loss is None else float(loss))
+    out = []
+    for (label, study, tokens), by_lr in groups.items():
+        if len(by_lr) < 2:
+            continue
+        try:
+            c = select_lr([(lr, float(np.mean(v))) for lr, v in by_lr.items()])
+        except TuningError:
+            continue
+        out.append({"kind": "lr_tune", "study": study, "arch": label, "metric": "val_loss",
+                    "tokens": float(tokens or 0), "grid": list(c.grid), "lrs": list(c.grid),
+                    "losses": [None if math.isinf(v) else v for v in c.losses],
+                    "chosen_lr": c.lr, "chosen_loss": c.loss, "edge": c.edge,
+                    "extended": False})
+    return out
+
+
 def section_tuning(rep: Report) -> bool:
-    """Loss against learning rate per backbone, and the rate each main run used."""
-    recs = rep.col.of_kind("lr_tune")
+    """Loss against learning rate per backbone, and the rate each main run used (or would:
+    for a plain sweep over train.lr, the best of the sweep)."""
+    recs = rep.col.of_kind("lr_tune") or sweep_tuning(rep)
     if not recs:
         return False
     rep.lines += ["## Learning rates", ""]
