@@ -370,3 +370,60 @@ def test_jamba_conf_has_inner_norms_so_it_exports() -> None:
     arch = arch_config(conf_arch("jamba", d_model=32, n_layers=8,
                                  attention={"head_dim": 16}, moe={"n_experts": 4}))
     assert arch.mamba.inner_norms is True
+
+
+# ---- released checkpoints' config.json (fields as published; nothing downloaded) ---------------
+
+RELEASED = {
+    # state-spaces/mamba-130m-hf
+    "mamba-130m-hf": ({"architectures": ["MambaForCausalLM"], "model_type": "mamba",
+                       "hidden_size": 768, "num_hidden_layers": 24, "intermediate_size": 1536,
+                       "state_size": 16, "conv_kernel": 4, "expand": 2, "time_step_rank": 48,
+                       "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+                       "layer_norm_epsilon": 1e-5, "residual_in_fp32": True,
+                       "vocab_size": 50280}, (128e6, 131e6)),
+    # openai-community/gpt2
+    "gpt2": ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768,
+              "n_layer": 12, "n_head": 12, "n_positions": 1024, "n_ctx": 1024, "n_inner": None,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "scale_attn_weights": True, "vocab_size": 50257}, (124_439_808, 124_439_808)),
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    "tinyllama": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                   "num_attention_heads": 32, "num_key_value_heads": 4, "hidden_act": "silu",
+                   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+                   "tie_word_embeddings": False, "attention_bias": False,
+                   "vocab_size": 32000}, (1.09e9, 1.11e9)),
+    # ai21labs/Jamba-v0.1 (Jamba-tiny-dev uses the same fields at a smaller width)
+    "jamba-v0.1": ({"architectures": ["JambaForCausalLM"], "model_type": "jamba",
+                    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "num_experts": 16,
+                    "num_experts_per_tok": 2, "attn_layer_period": 8, "attn_layer_offset": 4,
+                    "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 16,
+                    "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256,
+                    "mamba_conv_bias": True, "mamba_proj_bias": False, "rms_norm_eps": 1e-6,
+                    "hidden_act": "silu", "vocab_size": 65536}, (51e9, 53e9)),
+    # RWKV/RWKV7-Goose-Pile-168M-HF (fla's RWKV7ForCausalLM layout)
+    "rwkv7-168m": ({"architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7",
+                    "hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072,
+                    "head_dim": 64, "hidden_act": "sqrelu", "hidden_ratio": 4.0,
+                    "a_low_rank_dim": 64, "decay_low_rank_dim": 64, "gate_low_rank_dim": 128,
+                    "v_low_rank_dim": 32, "norm_first": True, "norm_bias": True,
+                    "norm_eps": 1e-5, "tie_word_embeddings": False, "attn": None,
+                    "vocab_size": 50304}, (160e6, 175e6)),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs_map_to_the_published_sizes(name: str) -> None:
+    config, (low, high) = RELEASED[name]
+    family = hf_layout.family_for_config(config)
+    arch, vocab = family.arch_from_config(config)
+    with torch.device("meta"):
+        model = LanguageModel(arch, vocab)
+    total = model.param_counts()["total"]
+    assert low <= total <= high, total
+    assert family.mismatch(model) is None  # and it would export to the same class
+    if name == "jamba-v0.1":  # 12B active of 52B (top-2 of 16 experts on every other layer)
+        assert 11.5e9 <= model.param_counts()["active"] <= 12.5e9
+        assert [m for m, _ in model.plan[:8]] == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
