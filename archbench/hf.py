@@ -159,7 +159,7 @@ def build_imported(folder: Path, name: str | None = None) -> tuple[Any, Any, dic
     config = read_config(folder)
     family = hf_layout.family_for_config(config)
     arch_dict, vocab = family.arch_from_config(config)
-    arch_dict["name"] = name or folder.resolve().name
+    arch_dict["name"] = name or family.name
     arch = arch_config(arch_dict)
     tokenizer = import_tokenizer(folder, config, vocab)
     with torch.device("meta"):
@@ -208,7 +208,7 @@ def import_model(source: str, out: str | Path, name: str | None = None, seq_len:
     if (out / "checkpoints").exists():
         raise ConfigError(f"out={out} already holds checkpoints; choose an empty folder")
     folder = resolve_source(source, revision)
-    model, tokenizer, provenance = build_imported(folder, name)
+    model, tokenizer, provenance = build_imported(folder, name or out.resolve().name)
     provenance["source"] = source
     arch = OmegaConf.to_container(model.arch, resolve=True)
     out.mkdir(parents=True, exist_ok=True)
