@@ -153,6 +153,12 @@ class Sublayer(nn.Module):
         """Names (relative to this module) of parameters AdamW must not decay."""
         return set()
 
+    def lr_overrides(self) -> dict[str, dict[str, float]]:
+        """Parameters (names relative to this module) trained at another learning rate than the
+        schedule's: {"lr_scale": s} multiplies the scheduled rate, {"lr_max": m} caps it (S4's
+        rule for SSM parameters). The optimizer puts each distinct rule in its own group."""
+        return {}
+
 
 def require_kernels(choice: str, available: dict[str, str | None], field_name: str) -> str:
     """Resolve a `kernels=` choice against what is importable; never fall back silently.

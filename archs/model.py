@@ -328,6 +328,14 @@ class LanguageModel(nn.Module):
                 names.update(f"{mod_name}.{n}" for n in module.no_weight_decay())
         return names
 
+    def lr_overrides(self) -> dict[str, dict[str, float]]:
+        """Full parameter name -> learning-rate rule, from every sublayer's `lr_overrides`."""
+        rules: dict[str, dict[str, float]] = {}
+        for mod_name, module in self.named_modules():
+            if isinstance(module, Sublayer):
+                rules.update({f"{mod_name}.{n}": rule for n, rule in module.lr_overrides().items()})
+        return rules
+
 
 def _normal_init(weight: torch.Tensor, arch: Any) -> None:
     nn.init.normal_(weight, std=arch.init_std)

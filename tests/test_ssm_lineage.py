@@ -17,6 +17,7 @@ from archbench.archs.kernels.fftconv import direct_causal_conv, fft_causal_conv
 from archbench.archs.model import LanguageModel
 from archbench.archs.s4d import S4D, DiagonalSSM, S4DConfig
 from archbench.config import ConfigError, arch_schema
+from archbench.train.optim import build_optimizer, group_lr
 
 F64 = torch.float64
 
@@ -183,3 +184,23 @@ def test_static_decode_step_equals_the_full_forward(mixer: str) -> None:
         steps = torch.stack([model.decode_step(seq[:, t], cache) for t in range(6, 15)], 1)
     assert model.static_decode
     torch.testing.assert_close(steps, full[:, 6:], atol=1e-10, rtol=0)
+
+
+def test_optimizer_puts_ssm_parameters_in_a_capped_undecayed_group() -> None:
+    """S4's rule through the generic per-parameter hook: log dt and A at min(lr, ssm_lr), no
+    weight decay; C and the projections stay in the plain groups at the scheduled rate."""
+    arch = OmegaConf.merge(OmegaConf.structured(arch_schema()), {
+        "pattern": {"mixers": ["s4d"], "mlps": ["dense"]}, "n_layers": 2, "d_model": 32})
+    model = LanguageModel(arch, 29)
+    cfg = SimpleNamespace(lr=3e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    optimizer = build_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ruled = [g for g in optimizer.param_groups if "lr_max" in g]
+    assert len(ruled) == 1 and ruled[0]["weight_decay"] == 0.0 and ruled[0]["lr"] == 1e-3
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in ruled[0]["params"]} == {
+        "log_dt", "log_A_real", "A_imag"}
+    assert len(ruled[0]["params"]) == 2 * 3
+    assert "blocks.0.mixer.ssm.C" in {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    assert group_lr(ruled[0], 5e-4) == 5e-4 and group_lr(ruled[0], 2e-2) == 1e-3
+    assert group_lr(optimizer.param_groups[0], 2e-2) == 2e-2
+    assert group_lr({"lr_scale": 0.1}, 2e-2) == pytest.approx(2e-3)

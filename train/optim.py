@@ -10,17 +10,43 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.AdamW:
     """Decay only matrices of the mixers and MLPs: norms, biases, embeddings and what a mixer
-    flags (Mamba's A_log and D, RWKV's mixing vectors) are left undecayed, as their papers do."""
+    flags (Mamba's A_log and D, RWKV's mixing vectors) are left undecayed, as their papers do.
+
+    Parameters a mixer gives a learning-rate rule (`Sublayer.lr_overrides`, e.g. S4D's SSM
+    parameters capped at 1e-3) get one group per (decay, rule), after the two plain groups; the
+    rule's keys live in the group, and `group_lr` applies them to the scheduled rate."""
     skip = model.no_weight_decay_names() if hasattr(model, "no_weight_decay_names") else set()
+    rules = model.lr_overrides() if hasattr(model, "lr_overrides") else {}
     decay, no_decay = [], []
+    ruled: dict[tuple[bool, tuple[tuple[str, float], ...]], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         clean = name.replace("_orig_mod.", "").replace("module.", "")
-        (no_decay if clean in skip else decay).append(param)
+        if clean in rules:
+            unknown = set(rules[clean]) - {"lr_scale", "lr_max"}
+            if unknown:
+                raise ValueError(f"learning-rate rule of {clean!r} has unknown keys "
+                                 f"{sorted(unknown)}; allowed: lr_scale, lr_max")
+            key = (clean in skip, tuple(sorted(rules[clean].items())))
+            ruled.setdefault(key, []).append(param)
+        else:
+            (no_decay if clean in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    for (undecayed, rule), params in sorted(ruled.items(), key=lambda item: item[0]):
+        group = {"params": params, "weight_decay": 0.0 if undecayed else cfg.weight_decay,
+                 **dict(rule)}
+        group["lr"] = group_lr(group, cfg.lr)
+        groups.append(group)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def group_lr(group: dict[str, Any], lr: float) -> float:
+    """The rate of one parameter group when the schedule is at `lr`: times its `lr_scale`,
+    capped at its `lr_max` (groups without a rule take `lr` itself)."""
+    lr = lr * float(group.get("lr_scale", 1.0))
+    return min(lr, float(group["lr_max"])) if "lr_max" in group else lr
 
 
 def lr_at(step: int, total_steps: int, cfg: Any) -> float:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from archbench.archs.compiling import compile_module
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
@@ -31,7 +30,7 @@ from archbench.train import distributed as dist_utils
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
 from archbench.train.loggers import make_logger
 from archbench.train.metrics import padded_token_bytes, split_metrics
-from archbench.train.optim import build_optimizer, lr_at
+from archbench.train.optim import build_optimizer, group_lr, lr_at
 from archbench.train.step import StepLosses, TrainStep
 from archbench.train.tasks import task_targets
 from archbench.train.tokenizer import Tokenizer, build_tokenizer
@@ -197,8 +196,7 @@ def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
     budget = token_budget(tcfg, counts["total"])
     total_steps = max(1, math.ceil(budget / (tcfg.batch_size * seq_len)))
     train_model = dist_utils.wrap(model, dist, tcfg.distributed)
-    # train.compile: static shapes (archs/compiling.py): one graph for the step's (batch, length)
-    forward = compile_module(train_model, device) if tcfg.compile else train_model
+    forward = torch.compile(train_model) if tcfg.compile else train_model
     optimizer = build_optimizer(model, tcfg)  # after wrap: FSDP2 swaps parameters for shards
     train_step = TrainStep(
         lambda inputs, ctx: forward(inputs, ctx=ctx), model.parameters, optimizer,
@@ -293,7 +291,7 @@ def _loop(run: _Run, bar: Any) -> None:
     while run.step < run.last_step:
         lr = lr_at(run.step, run.total_steps, tcfg)
         for group in run.train_step.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group_lr(group, lr)
         losses = run.train_step.accumulate(*_batch(run))
         loss = dist_utils.mean_across(losses.loss(), run.dist)
         if not math.isfinite(loss):
