@@ -34,6 +34,7 @@ from archbench.evaluate.reporting.quality import (
     section_quality,
     section_synthetic,
 )
+from archbench.evaluate.reporting.scaling import section_scaling
 from archbench.evaluate.reporting.systems import (
     section_efficiency,
     section_provenance,
@@ -52,6 +53,7 @@ SECTIONS: list[tuple[str, Callable[[Report], bool]]] = [
     ("Line-up", section_lineup),
     ("Learning rates", section_tuning),
     ("Quality", section_quality),
+    ("Scaling laws", section_scaling),
     ("Synthetic tasks", section_synthetic),
     ("Efficiency", section_efficiency),
     ("lm-eval", section_lm_eval),
