@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from archbench.archs.compiling import compile_module
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
@@ -196,7 +197,8 @@ def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
     budget = token_budget(tcfg, counts["total"])
     total_steps = max(1, math.ceil(budget / (tcfg.batch_size * seq_len)))
     train_model = dist_utils.wrap(model, dist, tcfg.distributed)
-    forward = torch.compile(train_model) if tcfg.compile else train_model
+    # train.compile: static shapes (archs/compiling.py): one graph for the step's (batch, length)
+    forward = compile_module(train_model, device) if tcfg.compile else train_model
     optimizer = build_optimizer(model, tcfg)  # after wrap: FSDP2 swaps parameters for shards
     train_step = TrainStep(
         lambda inputs, ctx: forward(inputs, ctx=ctx), model.parameters, optimizer,
