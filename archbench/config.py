@@ -60,6 +60,9 @@ class ShellConfig:
     scaled_residual_init: bool = True  # output projections scaled by 1/sqrt(2 * n_layers)
     aspect: float = 64.0  # preferred d_model per layer when solving sizes
     width_multiple: int = 64
+    # Dropout on the embedding output and on every sublayer's output before the residual add
+    # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -372,6 +375,8 @@ def validate_arch(arch: Any) -> None:
     from archbench.archs import registry
 
     require_choice("arch.norm", arch.norm, NORM_KINDS)
+    if not 0.0 <= float(arch.dropout) < 1.0:
+        raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     require_choice("arch.embed_init", arch.embed_init, tuple(registry.embed_inits()))
     mixers, mlps = pattern_periods(arch)
     for key in ("d_model", "n_layers"):

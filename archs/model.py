@@ -71,6 +71,7 @@ class Block(nn.Module):
         self.mixer = registry.get("mixer", mixer_kind).build(arch, layer_idx)
         self.mlp = build_mlp(mlp_slot, arch, layer_idx)
         self.mlp_norm = make_norm(arch, arch.d_model) if self.mlp is not None else None
+        self.drop = nn.Dropout(float(arch.dropout))  # residual dropout; identity at 0 or in eval
 
     def forward(
         self,
@@ -79,9 +80,9 @@ class Block(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:
         mixer_state, mlp_state = states if states is not None else (None, None)
-        x = x + self.mixer(self.mixer_norm(x), mixer_state, ctx)
+        x = x + self.drop(self.mixer(self.mixer_norm(x), mixer_state, ctx))
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x), mlp_state, ctx)
+            x = x + self.drop(self.mlp(self.mlp_norm(x), mlp_state, ctx))
         return x
 
 
@@ -137,6 +138,7 @@ class LanguageModel(nn.Module):
         rows, self.position_key = learned_position_rows(arch, {m for m, _ in self.plan})
         self.pos_embed = nn.Embedding(rows, d) if rows else None
         self.embed_norm = make_norm(arch, d) if arch.embed_norm else None
+        self.embed_drop = nn.Dropout(float(arch.dropout))
         self.blocks = nn.ModuleList(
             Block(arch, i, mixer, mlp_slot) for i, (mixer, mlp_slot) in enumerate(self.plan)
         )
@@ -186,6 +188,7 @@ class LanguageModel(nn.Module):
             x = x + self.pos_embed(torch.arange(start, start + length, device=tokens.device))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        x = self.embed_drop(x)
         for i, block in enumerate(self.blocks):
             states = cache.states[i] if cache is not None else None
             if self.activation_checkpointing and self.training and cache is None:

@@ -140,3 +140,18 @@ def test_size_solver_counts_equal_built_hybrid_models() -> None:
     arch.d_model, arch.n_layers = 128, 6
     built = LanguageModel(arch, 258).param_counts()["non_embedding"]
     assert measure(arch, 128, 6, 258, "non_embedding") == built
+
+
+def test_dropout_acts_in_training_only_and_is_checked() -> None:
+    """arch.dropout (nanoGPT's embedding and residual dropout): training forwards differ from
+    one call to the next, evaluation is deterministic and equals the model without dropout."""
+    torch.manual_seed(0)
+    plain = LanguageModel(tiny_arch(), VOCAB)
+    torch.manual_seed(0)
+    dropped = LanguageModel(tiny_arch(dropout=0.2), VOCAB)
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert not torch.allclose(dropped.train()(tokens), dropped.train()(tokens))
+        assert torch.equal(dropped.eval()(tokens), plain.eval()(tokens))
+    with pytest.raises(ConfigError, match="arch.dropout=1.0"):
+        LanguageModel(tiny_arch(dropout=1.0), VOCAB)
