@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -427,3 +429,40 @@ def test_released_configs_map_to_the_published_sizes(name: str) -> None:
     if name == "jamba-v0.1":  # 12B active of 52B (top-2 of 16 experts on every other layer)
         assert 11.5e9 <= model.param_counts()["active"] <= 12.5e9
         assert [m for m, _ in model.plan[:8]] == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def _archbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("archbench")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_import_then_bench_and_generate_from_the_command_line(tmp_path: Path) -> None:
+    """`archbench import` writes what `generate` and `bench --config-dir` take unchanged; a bad
+    source is one line on stderr and exit code 2."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                      state_size=8)
+    torch.manual_seed(0)
+    transformers.MambaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    _bpe_folder(tmp_path / "hf")
+    done = _archbench("import", "hf", "out=runs/tiny-mamba", "seq_len=32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs/tiny-mamba/conf/arch/tiny-mamba.yaml").is_file()
+    gen = _archbench("generate", "ckpt=runs/tiny-mamba", "prompt='the cat'",
+                     "generate.max_new_tokens=4", cwd=tmp_path)
+    assert gen.returncode == 0 and "the cat" in gen.stdout, gen.stderr
+    bench = _archbench("bench", "--config-dir", "runs/tiny-mamba/conf", "arch=tiny-mamba",
+                       "tokenizer=file", "tokenizer.path=runs/tiny-mamba/tokenizer.json",
+                       "bench.modes=[prefill]", "bench.contexts=[16]", "bench.isolate=false",
+                       "bench.repeats=1", "bench.warmup=0", "bench.min_seconds=0",
+                       "out_dir=bench", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    record = json.loads((tmp_path / "bench/records.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "ok" and (record["d_model"], record["n_layers"]) == (32, 2)
+    bad = _archbench("import", "no/such-model-anywhere", "out=runs/x", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("archbench import: ")
+    assert len(bad.stderr.strip().splitlines()) == 1
