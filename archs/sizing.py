@@ -195,7 +195,8 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
     if best is None:
         nearest = _nearest_sane(size_of, target, int(arch.width_multiple), divisor, unit, sane,
                                 float(arch.aspect))
-        if nearest is not None:
+        # beyond 2x the target a "nearest" shape is another size altogether: refuse instead
+        if nearest is not None and abs(math.log(nearest[2] / target)) <= math.log(2):
             width, depth, got = nearest
             arch.d_model, arch.n_layers = width, depth
             note = (f"no shape in the family's range meets size.target={target:g} ({metric}) "

@@ -239,7 +239,11 @@ def test_size_metric_override_matches_active_or_total_parameters() -> None:
         with torch.device("meta"):  # exact counts without allocating the weights
             counts = LanguageModel(arch, vocab).param_counts()
         key = "non_embedding" if metric == "non_embedding" else "active_non_embedding"
-        assert abs(counts[key] / cfg.size.target - 1) <= cfg.size.tolerance
+        # all experts counted, no 8-layer shape of sane width lands within 5% (the old answer
+        # was 64 wide x 72 layers): the nearest sane shape, and the fit says so
+        assert abs(counts[key] / cfg.size.target - 1) <= (
+            cfg.size.tolerance if fit.shape_note is None else 0.25)
+        assert (fit.shape_note is None) == (metric == "active")
         assert counts[key] == fit.achieved
         fitted[metric] = counts
     # Matching active parameters gives a model with more weights in total, and vice versa.
