@@ -3,7 +3,6 @@ so `-m` turns any of them into a sweep and `--cfg job` prints the resolved confi
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -40,6 +39,7 @@ commands:
   eval      quality evaluations         archbench eval ckpt=runs/X eval.tasks=[bpb,mqar]
   bench     speed and memory            archbench bench arch=rwkv7 bench=cpu_smoke
   compare   the default comparison      archbench compare
+  validate  published results, redone  archbench validate validate.only=[decoding_memory]
   report    build a report from runs    archbench report multirun/ runs/ -o reports/latest
   import    a Hugging Face model in     archbench import state-spaces/mamba-130m-hf out=runs/m130
   export    a checkpoint as HF folder   archbench export ckpt=runs/X out=hf/X
@@ -111,11 +111,12 @@ def _record_train_failure(cfg: DictConfig, exc: Exception) -> None:
 @hydra.main(config_path=CONF, config_name="config", version_base="1.3")
 @partial(_checked, on_error=_record_train_failure)
 def train_app(cfg: DictConfig) -> float | None:
+    from archbench.train.distributed import process_rank
     from archbench.train.resume import plan_start
     from archbench.train.trainer import run_training
 
     run_dir = output_dir(cfg)
-    writer = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 writes the folder
+    writer = process_rank() == 0  # under torchrun or submitit, rank 0 writes the folder
     with run_folder_lock(run_dir) if writer else nullcontext():
         plan = plan_start(cfg, run_dir, list(HydraConfig.get().overrides.task))
         if plan.message:
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         from archbench.compare import main as compare_main
 
         compare_main(rest)
+        return
+    if command == "validate":
+        from archbench.validate import main as validate_main
+
+        validate_main(rest)
         return
     if command in ("import", "export"):
         from archbench.hf import main as hf_main

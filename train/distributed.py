@@ -53,6 +53,13 @@ def _export_submitit_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def process_rank() -> int:
+    """This process's rank before any process group exists (torchrun, or submitit's tasks, whose
+    variables are exported first): decides who writes the run folder."""
+    _export_submitit_env()
+    return int(os.environ.get("RANK", 0))
+
+
 def setup(kind: str) -> DistContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE)."""
     require_choice("train.distributed", kind, KINDS)
