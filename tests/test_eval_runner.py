@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from archbench.archs.model import LanguageModel
 from archbench.config import RootConfig, register_schema, validate
 from archbench.evaluate.quality.perplexity import file_split, split_metrics
-from archbench.evaluate.quality.runner import expand_checkpoints, run_eval
+from archbench.evaluate.quality.runner import EvaluationsFailed, expand_checkpoints, run_eval
 from archbench.evaluate.records import EvalContext, best_per_group, make_record
 from archbench.io import read_jsonl
 from archbench.train.checkpoint import save_checkpoint
@@ -187,6 +187,6 @@ def test_a_mad_checkpoint_gives_records_the_mad_score_reads(tmp_path: Path) -> N
     scores = mad_scores(records)
     assert list(scores) == ["transformer-d32-l2"]
     assert scores["transformer-d32-l2"]["tasks"] == {"compression": acc["value"]}
-    with pytest.raises(ValueError, match="MAD setting"):
+    with pytest.raises(EvaluationsFailed, match="ValueError: .*MAD setting"):
         run_eval(eval_cfg(checkpoint(tmp_path, "text-run", {"attention": {"head_dim": 16}},
                                      258, {})[0], tasks=["mad"]))

@@ -29,7 +29,8 @@ def test_a_key_added_with_plus_must_exist(override: str, message: str) -> None:
 
 def test_free_form_maps_take_new_keys() -> None:
     cfg = make_config("+eval.grid.passkey.depth=[0,1]", "+eval.task_params.n_keys=4",
-                      "+data.task.params.n_pairs=8", "+compare.arch_overrides.mamba=['arch.mamba.d_state=8']")
+                      "+data.task.params.n_pairs=8",
+                      "+compare.arch_overrides.mamba=['arch.mamba.d_state=8']")
     check_known_keys(cfg)
     assert list(cfg.eval.grid.passkey.depth) == [0, 1]
 
