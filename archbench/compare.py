@@ -217,11 +217,12 @@ def finished(run_dir: Path) -> bool:
 
 
 def eval_done(run_dir: Path, tasks: list[str]) -> list[str]:
-    """Tasks of `tasks` that still have no evaluation record in the run's records.jsonl."""
+    """Tasks of `tasks` that still have no evaluation record in the run's records.jsonl (a
+    record of a failed evaluation does not count: a re-run tries it again)."""
     have: set[str] = set()
     try:
         for rec in read_jsonl(run_dir / "records.jsonl"):
-            if rec.get("kind") == "eval":
+            if rec.get("kind") == "eval" and rec.get("status") != "failed":
                 have.add(str(rec.get("eval")))
                 if rec.get("eval") == "lm_eval":
                     have.add(str((rec.get("params") or {}).get("task")))

@@ -84,3 +84,12 @@ def test_another_tokenizer_on_the_command_line_is_refused(tiny_run: Path, tmp_pa
         accepted = subprocess.run([*base, f"tokenizer.path={own}"], env=OFFLINE,
                                   capture_output=True, text=True, timeout=300)
         assert accepted.returncode == 0, accepted.stderr[-2000:]
+
+
+def test_compare_retries_an_evaluation_recorded_as_failed(tmp_path: Path) -> None:
+    from archbench.compare import eval_done
+
+    records = [{"kind": "eval", "eval": "bpb", "status": "ok"},
+               {"kind": "eval", "eval": "hellaswag", "status": "failed", "reason": "offline"}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert eval_done(tmp_path, ["bpb", "hellaswag"]) == ["hellaswag"]
