@@ -128,6 +128,11 @@ class Sublayer(nn.Module):
                 f"{type(self).__name__} keeps a decoding state but has no decode_step")
         return self.forward(x.unsqueeze(1), None, ctx).squeeze(1)
 
+    @property
+    def decode_path(self) -> str:
+        """The code path of `decode_step`, where it differs from `kernel_path` (recorded)."""
+        return self.kernel_path
+
     @classmethod
     def has_static_decode(cls) -> bool:
         """True when `decode_step` works for this class: it overrides it, or keeps no state."""

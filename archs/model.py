@@ -275,13 +275,17 @@ class LanguageModel(nn.Module):
                 out.append(block.mlp)
         return out
 
-    def kernel_paths(self) -> dict[str, str]:
-        """Which code path each kind of sublayer runs, e.g. {'mamba': 'cuda:mamba_ssm'}."""
+    def kernel_paths(self, decoding: bool = False) -> dict[str, str]:
+        """Which code path each kind of sublayer runs, e.g. {'mamba': 'cuda:mamba_ssm'}; with
+        `decoding`, the paths of `decode_step` (attention's step has its own)."""
         paths: dict[str, set[str]] = {}
         for block in self.blocks:
-            paths.setdefault(block.mixer_kind, set()).add(block.mixer.kernel_path)
+            parts = [(block.mixer_kind, block.mixer)]
             if block.mlp is not None:
-                paths.setdefault(f"mlp:{block.mlp_slot}", set()).add(block.mlp.kernel_path)
+                parts.append((f"mlp:{block.mlp_slot}", block.mlp))
+            for kind, sub in parts:
+                path = sub.decode_path if decoding and self.static_decode else sub.kernel_path
+                paths.setdefault(kind, set()).add(path)
         return {k: ",".join(sorted(v)) for k, v in paths.items()}
 
     def param_counts(self) -> dict[str, int]:

@@ -166,3 +166,18 @@ def test_inductor_matches_eager_with_every_mixer_in_one_model() -> None:
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_inductor_matches_eager_per_mixer(mixer: str) -> None:
     _compiled_matches_eager([mixer])
+
+
+def test_grouped_query_decode_step_equals_the_full_forward() -> None:
+    """Grouped-query heads attend as rows of their KV head in the step (no repeated cache)."""
+    model = tiny_model(["attention"], mlp="dense")
+    grouped = LanguageModel(OmegaConf.merge(model.arch, {"attention": {
+        "head_dim": 16, "n_kv_heads": 1}}), VOCAB).eval()
+    seq = tokens(2, 13)
+    cache = grouped.init_cache(2, 16)
+    with torch.no_grad():
+        full = grouped(seq)
+        grouped(seq[:, :5], cache)
+        steps = torch.stack([grouped.decode_step(seq[:, i], cache) for i in range(5, 13)], 1)
+    torch.testing.assert_close(steps, full[:, 5:], rtol=0.0, atol=1e-5)
+    assert cache.pos == 13 and cache.states[0][0].length == 13

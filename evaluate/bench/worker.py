@@ -393,7 +393,7 @@ def _build_ours(task: dict[str, Any], device: torch.device, meta: bool) -> Any:
 
 def _describe(model: Any, task: dict[str, Any]) -> dict[str, Any]:
     weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
-    paths = model.kernel_paths()
+    paths = model.kernel_paths(decoding=task["mode"] == "decode")
     if wants_compile(task) and task["mode"] in OURS_COMPILED_MODES:
         paths = {kind: f"{path}+compiled" for kind, path in paths.items()}
     return {"params": model.param_counts(), "kernel_paths": paths,
