@@ -109,3 +109,14 @@ def test_a_missing_input_is_an_error(tmp_path: Path) -> None:
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and "missing_dir" in cli.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_is_one_run_not_two(tmp_path: Path) -> None:
+    run = _run(tmp_path / "runs", "a", 3e4, 0, 5.0)
+    earlier = {"kind": "train", "run": "a", "arch": "transformer", "size": "micro", "seed": 0,
+               "status": "finished", "tokens_seen": 1e4, "val_bpb": 5.9,
+               "provenance": {"time": "2026-01-01T00:00:00"}}
+    (run / "records.jsonl").write_text(json.dumps(earlier) + "\n")  # its first finish
+    report, col = build_report([tmp_path / "runs"], tmp_path / "out")
+    assert len(col.runs) == 1
+    assert len(_quality_rows(report)) == 1 and "±" not in _quality_rows(report)[0]

@@ -185,10 +185,13 @@ def _runs_from_train_records(col: Collection) -> None:
     for its run, without curves; the others are only kept for the CSV."""
     keys = {run.key for run in col.runs}
     names = {run.summary.get("run") for run in col.runs}
+    folders = {run.path.resolve() for run in col.runs}  # their summary.json is the last word
     for rec in col.of_kind("train"):
         key = (rec.get("run"), arch_name(rec.get("arch")),
                (rec.get("provenance") or {}).get("time"))
         if key in keys or (rec.get("status") != "finished" and rec.get("run") in names):
+            continue
+        if Path(rec["_source"]).parent.resolve() in folders:  # an earlier finish, then resumed
             continue
         summary = {k: v for k, v in rec.items() if not k.startswith("_")}
         summary["final"] = {"loss": rec.get("val_loss"), "bpb": rec.get("val_bpb")}
@@ -257,8 +260,10 @@ class Labels:
                 groups[run.label].append(run)
         for label, members in groups.items():
             settings = [setting(r) for r in members]
-            keys = sorted({k for s in settings for k in s})
-            varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+            # a key only some runs have (a run known from a record alone has no config, or the
+            # schema grew since) says nothing about whether they are the same experiment
+            keys = sorted(set.intersection(*(set(s) for s in settings)))
+            varying = [k for k in keys if len({repr(s[k]) for s in settings}) > 1]
             if not varying:
                 continue
             shown = varying[:3] + (["..."] if len(varying) > 3 else [])
