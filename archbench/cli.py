@@ -39,6 +39,7 @@ commands:
   eval      quality evaluations         archbench eval ckpt=runs/X eval.tasks=[bpb,mqar]
   bench     speed and memory            archbench bench arch=rwkv7 bench=cpu_smoke
   compare   the default comparison      archbench compare
+  validate  published results, redone  archbench validate validate.only=[decoding_memory]
   report    build a report from runs    archbench report multirun/ runs/ -o reports/latest
   import    a Hugging Face model in     archbench import state-spaces/mamba-130m-hf out=runs/m130
   export    a checkpoint as HF folder   archbench export ckpt=runs/X out=hf/X
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         from archbench.compare import main as compare_main
 
         compare_main(rest)
+        return
+    if command == "validate":
+        from archbench.validate import main as validate_main
+
+        validate_main(rest)
         return
     if command in ("import", "export"):
         from archbench.hf import main as hf_main

@@ -68,8 +68,10 @@ def split_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return experiment, own, stage
 
 
-def compose(experiment: str, overrides: list[str]) -> DictConfig:
-    """The config a stage of this experiment sees (the same tree, schema and validation)."""
+def compose(experiment: str, overrides: list[str], group: str = "experiment") -> DictConfig:
+    """The config a stage of this experiment sees (the same tree, schema and validation);
+    `group` is the config group that holds it (conf/experiment/, or conf/validate/ for the
+    reproductions of `archbench validate`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -78,7 +80,7 @@ def compose(experiment: str, overrides: list[str]) -> DictConfig:
     register_schema()
     with initialize_config_module(config_module="archbench.conf", version_base="1.3"):
         return hydra_compose(config_name="config", return_hydra_config=True,
-                             overrides=[f"+experiment={experiment}", *overrides])
+                             overrides=[f"+{group}={experiment}", *overrides])
 
 
 def archbench_exe() -> list[str]:
@@ -234,10 +236,12 @@ def eval_done(run_dir: Path, tasks: list[str]) -> list[str]:
 # ---- the comparison -------------------------------------------------------------------------
 
 class Comparison:
+    group = "experiment"  # the config group of `self.experiment` (archbench validate: validate)
+
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.experiment, own, self.stage_overrides = split_argv(argv)
-        self.cfg = compose(self.experiment, [*own, *fixed_only(self.stage_overrides)])
+        self.cfg = compose(self.experiment, [*own, *fixed_only(self.stage_overrides)], self.group)
         self.cc = self.cfg.compare
         self.sweep = Path(self.cc.sweep_dir)
         self.dry = bool(self.cc.dry_run)
@@ -257,7 +261,7 @@ class Comparison:
     def overrides(self, extra: list[str], arch_ov: list[str] = ()) -> list[str]:
         """A stage's overrides: the study's, the backbone's, then the user's (which win), then
         what the stage itself must fix (the tuning budget)."""
-        return [f"+experiment={self.experiment}", *extra, *arch_ov, *self.stage_overrides,
+        return [f"+{self.group}={self.experiment}", *extra, *arch_ov, *self.stage_overrides,
                 *self.forced]
 
     # ---- which backbones ----------------------------------------------------------------------
@@ -276,7 +280,7 @@ class Comparison:
             try:
                 cfg = compose(self.experiment, [*fixed_only(self.stage_overrides),
                                                 *self.arch_overrides.get(name, []),
-                                                f"arch={name}"])
+                                                f"arch={name}"], self.group)
                 validate(cfg)
                 solve_size(cfg.arch, cfg.size, vocab_size_of(cfg.tokenizer)[0])
             except Exception as exc:  # an arch that does not import or fit is left out, said why
@@ -349,7 +353,8 @@ class Comparison:
     def stale(self, saved: dict[str, Any] | None, job: list[str], sections: tuple[str, ...]
               ) -> list[str]:
         """Settings in which a finished run differs from what this job would run now."""
-        cfg = compose(self.experiment, [o for o in job if not o.startswith("+experiment=")])
+        cfg = compose(self.experiment, [o for o in job if not o.startswith(f"+{self.group}=")],
+                      self.group)
         now = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections}
         return differences({k: (saved or {}).get(k) for k in sections}, now)
 

@@ -63,6 +63,9 @@ class ShellConfig:
     # Dropout on the embedding output and on every sublayer's output before the residual add
     # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
     dropout: float = 0.0
+    # Dropout on the embedding output and on every sublayer's output before the residual add
+    # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -269,6 +272,28 @@ class CompareConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """`archbench validate` (archbench/validate.py). `only`, `skip`, `out` and `sweep_root` are
+    the command's; every other field is set by one reproduction's conf/validate/<name>.yaml: the
+    published claim, where it is published, how the run here is scaled, and the measurement with
+    its verdict rule (`metric` names a function of archbench/validate_metrics.py, `params` holds
+    its thresholds)."""
+
+    only: list[str] = field(default_factory=list)  # reproductions to run; [] = all
+    skip: list[str] = field(default_factory=list)
+    out: str = "reports/validation"
+    sweep_root: str = "multirun/validate"
+    name: str = ""
+    claim: str = ""
+    source: str = ""
+    scaling: str = ""  # how this version differs from the published setting
+    metric: str = ""
+    rule: str = ""  # the verdict rule in words (the report prints it)
+    params: dict[str, Any] = field(default_factory=dict)
+    not_run_here: str | None = None  # a reason this version cannot run on this machine
+
+
+@dataclass
 class RootSettings:
     """The root of the tree; `RootConfig` is this with `arch` typed by the composed ArchConfig."""
 
@@ -282,6 +307,7 @@ class RootSettings:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     ckpt: str | None = None
     prompt: str = ""
     out_dir: str | None = None
@@ -375,6 +401,8 @@ def validate_arch(arch: Any) -> None:
     from archbench.archs import registry
 
     require_choice("arch.norm", arch.norm, NORM_KINDS)
+    if not 0.0 <= float(arch.dropout) < 1.0:
+        raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     if not 0.0 <= float(arch.dropout) < 1.0:
         raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     require_choice("arch.embed_init", arch.embed_init, tuple(registry.embed_inits()))
