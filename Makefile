@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.archbench-installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test lint bench report venv clean
+.PHONY: demo test lint bench report validate venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/archbench bench arch=transformer,gpt2 bench=cpu_smoke bench.peers=true -m
+
+validate: $(STAMP)
+	$(BIN)/archbench validate
 
 report: $(STAMP)
 	$(BIN)/archbench report multirun runs -o reports/latest

@@ -63,9 +63,6 @@ class ShellConfig:
     # Dropout on the embedding output and on every sublayer's output before the residual add
     # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
     dropout: float = 0.0
-    # Dropout on the embedding output and on every sublayer's output before the residual add
-    # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
-    dropout: float = 0.0
 
 
 @dataclass
@@ -401,8 +398,6 @@ def validate_arch(arch: Any) -> None:
     from archbench.archs import registry
 
     require_choice("arch.norm", arch.norm, NORM_KINDS)
-    if not 0.0 <= float(arch.dropout) < 1.0:
-        raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     if not 0.0 <= float(arch.dropout) < 1.0:
         raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     require_choice("arch.embed_init", arch.embed_init, tuple(registry.embed_inits()))
