@@ -161,6 +161,20 @@ class EvalConfig:
 
 
 @dataclass
+class BenchGrid:
+    contexts: list[int] | None = None
+    batch_sizes: list[int] | None = None
+
+
+@dataclass
+class BenchByMode:
+    train: BenchGrid = field(default_factory=BenchGrid)
+    prefill: BenchGrid = field(default_factory=BenchGrid)
+    decode: BenchGrid = field(default_factory=BenchGrid)
+    memory: BenchGrid = field(default_factory=BenchGrid)
+
+
+@dataclass
 class BenchConfig:
     name: str = "cpu_smoke"
     modes: list[str] = field(default_factory=lambda: ["train", "prefill", "decode", "memory"])
@@ -188,6 +202,10 @@ class BenchConfig:
     # torch.compile axis: each train / prefill / decode measurement runs once per value.
     compile: list[bool] = field(default_factory=lambda: [False])
     profile: bool = False  # torch.profiler trace + top-operators table per measurement
+    # Per-mode grids, e.g. bench.by_mode.train.batch_sizes=[8]: contexts / batch_sizes of that
+    # mode only (null: bench.contexts / bench.batch_sizes).
+    by_mode: BenchByMode = field(default_factory=lambda: BenchByMode())
+    peer_max_context: int | None = None  # no peer measurement above this context (slow peers)
 
 
 @dataclass

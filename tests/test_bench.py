@@ -410,3 +410,23 @@ def test_an_empty_compile_axis_is_refused_before_any_work(tmp_path: Path) -> Non
     cfg = bench_config(tmp_path, "transformer", "bench.compile=[]")
     with pytest.raises(ConfigError, match="bench.compile"):
         runner.run_bench(cfg)
+
+
+def test_by_mode_grids_and_peer_max_context(tmp_path: Path) -> None:
+    """bench.by_mode gives a mode its own contexts / batches; above bench.peer_max_context no
+    peer is measured (a note says so)."""
+    pytest.importorskip("transformers")
+    cfg = bench_config(tmp_path, "transformer", "bench.isolate=false", "bench.peers=true",
+                       "bench.modes=[prefill,memory]", "bench.contexts=[8]",
+                       "bench.peer_max_context=8",
+                       "bench.by_mode.prefill.contexts=[8,16]",
+                       "bench.by_mode.prefill.batch_sizes=[2]")
+    records = runner.run_bench(cfg)
+    assert [(r["mode"], r["context"], r["batch"]) for r in records] == [
+        ("prefill", 8, 2), ("prefill", 16, 2), ("memory", 8, 1)]
+    assert records[0]["peer"]["name"] == "hf:LlamaForCausalLM"
+    assert records[1]["peer"] is None
+    assert any("peer_max_context=8" in n for n in records[1]["notes"])
+    bad = bench_config(tmp_path, "transformer", "bench.by_mode.train.contexts=[0]")
+    with pytest.raises(ConfigError, match="bench.by_mode.train.contexts"):
+        runner.run_bench(bad)

@@ -163,6 +163,11 @@ def _check_bench(bench: Any) -> list[str]:
         values = list(bench[key])
         if not values or any(int(v) < 1 for v in values):
             raise ConfigError(f"bench.{key}={values} must be a non-empty list of integers >= 1")
+    for mode, own in (bench.get("by_mode") or {}).items():
+        for key, values in (own or {}).items():
+            if values is not None and (not values or any(int(v) < 1 for v in values)):
+                raise ConfigError(f"bench.by_mode.{mode}.{key}={list(values)} must be a "
+                                  "non-empty list of integers >= 1")
     for key in ("warmup", "decode_tokens", "max_context_step"):
         if int(bench[key]) < (1 if key != "warmup" else 0):
             raise ConfigError(f"bench.{key}={bench[key]} is too small")
@@ -294,13 +299,23 @@ class Bench:
         return peer, notes
 
     # ---- the sweep -----------------------------------------------------------------------------
+    def grid(self, mode: str) -> tuple[list[int], list[int]]:
+        """(contexts, batch sizes) of `mode`: bench.contexts / bench.batch_sizes unless
+        bench.by_mode.<mode> gives its own (e.g. training at batch 8, decoding at 1 and 8)."""
+        own = (self.bench.get("by_mode") or {}).get(mode) or {}
+        contexts = own.get("contexts") or self.bench.contexts
+        batches = own.get("batch_sizes") or self.bench.batch_sizes
+        return sorted({int(c) for c in contexts}), [int(b) for b in batches]
+
     def run_modes(self) -> None:
-        contexts = sorted({int(c) for c in self.bench.contexts})
-        for batch in [int(b) for b in self.bench.batch_sizes]:
-            for mode in (m for m in self.modes if m in MODES):
+        modes = [m for m in self.modes if m in MODES]
+        grids = {mode: self.grid(mode) for mode in modes}
+        every_batch = list(dict.fromkeys(b for mode in modes for b in grids[mode][1]))
+        for batch in every_batch:
+            for mode in (m for m in modes if batch in grids[m][1]):
                 # bench.compile applies to train / prefill / decode; memory is measured once.
                 for compiled in (self.compile_values if mode in COMPILE_MODES else [False]):
-                    self.run_contexts(mode, contexts, batch, compiled)
+                    self.run_contexts(mode, grids[mode][0], batch, compiled)
 
     def run_contexts(self, mode: str, contexts: list[int], batch: int, compiled: bool) -> None:
         failed_at: int | None = None
@@ -313,7 +328,11 @@ class Bench:
                 continue
             result = self.measure(self.task(mode, context, batch, compiled=compiled))
             peer = None
-            if self.bench.peers and mode in PEER_MODES and result["status"] == "ok":
+            limit = self.bench.get("peer_max_context")
+            if self.bench.peers and limit is not None and context > int(limit):
+                result.setdefault("notes", []).append(
+                    f"no peer measurement above bench.peer_max_context={limit}")
+            elif self.bench.peers and mode in PEER_MODES and result["status"] == "ok":
                 peer, notes = self.peer_of(mode, context, batch, result, compiled)
                 result.setdefault("notes", []).extend(notes)
             elif self.bench.peers and mode not in PEER_MODES:
