@@ -391,6 +391,13 @@ def _build_ours(task: dict[str, Any], device: torch.device, meta: bool) -> Any:
     return model
 
 
+def _slow_fallback_training(peer_name: str | None, task: dict[str, Any],
+                            device: torch.device) -> bool:
+    """HF's Mamba / Mamba-2 training on CPU (no mamba_ssm kernels there) is its slow path."""
+    return (task["mode"] == "train" and device.type == "cpu" and peer_name is not None
+            and peer_name.startswith(("hf:MambaForCausalLM", "hf:Mamba2ForCausalLM")))
+
+
 def _describe(model: Any, task: dict[str, Any]) -> dict[str, Any]:
     weights = DTYPES[task["dtype"]] if task["mode"] in INFERENCE_MODES else torch.float32
     paths = model.kernel_paths(decoding=task["mode"] == "decode")
@@ -420,11 +427,15 @@ def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None 
     model = peer = None
     try:
         if task["which"] in ("peer", "pair"):
-            from archbench.evaluate.bench.peers import choose_peer
+            from archbench.evaluate.bench.peers import PeerChoice, choose_peer
 
             model = _build_ours(task, device, meta=True)
             max_pos = max(2048, task["context"] + int(bench.decode_tokens) + 1)
             choice = choose_peer(model, device, max_pos)
+            if _slow_fallback_training(choice.name, task, device):
+                choice = PeerChoice(None, None, f"peer {choice.name} skipped in train mode on "
+                                    "CPU: Hugging Face trains Mamba there through its "
+                                    "reference scan, a per-token Python loop (not a peer)")
             if choice.build is None:
                 out.update(status="skipped", peer_name=None)
                 out["notes"].append(choice.note)
