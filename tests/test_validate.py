@@ -192,7 +192,7 @@ def test_validate_runs_and_resumes_tiny_reproductions(
     monkeypatch.chdir(tmp_path)
     argv = ["validate.only=[decoding_memory,h3_synthetics]",
             f"validate.sweep_root={tmp_path / 'sweeps'}", f"validate.out={tmp_path / 'out'}",
-            "compare.backbones=[transformer,mamba,jamba,h3,s4d]", "arch.d_model=64",
+            "compare.backbones=[transformer,mamba,h3,s4d]", "arch.d_model=64",
             "bench.contexts=[16,64]", "train.tokens=512", "train.eval_every=8",
             "eval.n_examples=16"]
     main(argv)
@@ -203,7 +203,7 @@ def test_validate_runs_and_resumes_tiny_reproductions(
     memory = rows["decoding_memory"]
     assert memory["verdict"] in (REPRODUCED, NOT_REPRODUCED)
     assert "transformer x4 " in memory["ours"]  # KV cache: 4x the bytes for 4x the context
-    assert "mamba x1 " in memory["ours"]
+    assert "mamba x1," in memory["ours"]  # a recurrent state: the same bytes at any context
     assert (tmp_path / "out" / "decoding_memory.png").is_file()
     synth = rows["h3_synthetics"]
     assert synth["verdict"] in (REPRODUCED, NOT_REPRODUCED)
