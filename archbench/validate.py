@@ -92,7 +92,10 @@ def judge(name: str, meta: Any, sweep: Path) -> Any:
 
     if not sweep.is_dir():
         return Outcome.not_run("not run (no results in " + str(sweep) + ")")
-    col = load([sweep])
+    # the studies' and benchmarks' folders: not runs set aside as stale, nor tuning runs
+    current = [p for p in sorted(sweep.iterdir()) if p.is_dir()
+               and p.name not in ("stale", "logs") and not p.name.startswith("tune_")]
+    col = load(current)
     params = OmegaConf.to_container(meta.params, resolve=True)
     outcome = METRICS[meta.metric](col.records, col.runs, params)
     failed = [r for r in _stage_records(sweep) if r.get("status") == "failed"]

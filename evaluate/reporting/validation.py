@@ -395,7 +395,9 @@ def plot_outcome(outcome: Outcome, path: Path, title: str) -> Path | None:
     for name, pts in outcome.series.items():
         x = [p[0] for p in pts]
         y = [p[1] for p in pts]
-        err = np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
+        # Wilson bounds may sit a rounding error inside the estimate at 0 or 1
+        err = np.clip(np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]), 0,
+                      None)
         ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", markersize=4, capsize=2,
                     label=name)
         xs_all += x
