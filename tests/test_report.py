@@ -189,3 +189,16 @@ def test_an_oom_is_flagged_and_never_replaced_by_a_shorter_context(fixture: Path
     assert transformer.split(" | ")[column] != "–"
     flagged = text.split("### Flagged")[1]
     assert f"bench decode of mamba at context {longest}, batch 1: **oom**" in flagged
+
+
+def test_compiled_bench_records_are_their_own_row_in_the_backbones_colour() -> None:
+    """bench.compile: a compiled measurement is labelled '<backbone> compiled' (its own row and
+    line, never a median with the eager one), in the backbone's colour, ordered after it."""
+    records = [{"kind": "bench", "arch": "mamba", "size": "tiny", "compiled": flag}
+               for flag in (False, True)]
+    col = Collection(runs=[], records=records)
+    labels = Labels(col)
+    assert [labels.of(r) for r in records] == ["mamba", "mamba compiled"]
+    assert labels.styles("mamba compiled")["color"] == labels.styles("mamba")["color"]
+    assert labels.ordered(["mamba compiled", "transformer", "mamba"]) == [
+        "transformer", "mamba", "mamba compiled"]

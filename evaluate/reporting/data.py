@@ -249,6 +249,8 @@ class Labels:
         self.by_run: dict[str, str] = {str(run.path.resolve()): run.label for run in col.runs}
         pairs = [(self(a, s), a) for a, sizes in self.sizes.items() for s in sizes]
         pairs += [(run.label, run.arch) for run in col.runs]
+        pairs += [(self.of(r), arch_name(r.get("arch"))) for r in col.records
+                  if r.get("kind") == "bench" and r.get("compiled")]
         self.styles = plots.Styles(pairs)
 
     @staticmethod
@@ -286,13 +288,15 @@ class Labels:
             label = self.by_run.get(str(run_dir.resolve()))
             if label is not None:
                 return label
-        return self(arch_name(rec.get("arch")), record_size(rec))
+        label = self(arch_name(rec.get("arch")), record_size(rec))
+        # A measurement under torch.compile (bench.compile) is its own row and line.
+        return f"{label} compiled" if rec.get("kind") == "bench" and rec.get("compiled") else label
 
     @staticmethod
     def rank(label: str) -> tuple[int, str]:
         """Sort key: known backbones in the canonical order, then the rest alphabetically."""
         order = list(plots.KNOWN_COLOURS)
-        base = label.split("/")[0]
+        base = label.split("/")[0].removesuffix(" compiled")
         return (order.index(base) if base in order else len(order), label)
 
     def ordered(self, labels: Iterable[str]) -> list[str]:

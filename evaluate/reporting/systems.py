@@ -255,11 +255,25 @@ def _peers(rep: Report) -> None:
                      r.get("batch"), human(r.get("tokens_per_s")), peer.get("name", "peer"),
                      human(peer.get("tokens_per_s")) if peer.get("status") == "ok"
                      else peer.get("status"),
-                     f"{ratio:.2f}×" if ratio else "–", peer.get("ratio_basis") or "–"])
+                     f"{ratio:.2f}×" if ratio else "–", _ratio_spread(peer),
+                     f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else "–",
+                     peer.get("ratio_basis") or "–"])
     rep.lines += ["### Against peer implementations (same config, same run)", ""]
     rep.lines += md_table(["backbone", "mode", "context", "batch", "ours tok/s", "peer",
-                           "peer tok/s", "ours / peer", "basis"], rows)
-    rep.lines += ["A ratio above 1 means ours is faster. Decode compares eager against eager.", ""]
+                           "peer tok/s", "ours / peer", "spread (q1–q3, min–max)",
+                           "compile s", "basis"], rows)
+    rep.lines += ["A ratio above 1 means ours is faster. The peer runs eager; rows marked "
+                  "compiled time our torch.compile'd step (compile seconds apart, not in the "
+                  "ratio). Spread: quartiles and extremes of the per-pair ratios when ours and "
+                  "the peer were timed call by call in alternation (basis interleaved).", ""]
+
+
+def _ratio_spread(peer: dict[str, Any]) -> str:
+    pairs = peer.get("interleaved") or {}
+    if not pairs:
+        return "–"
+    return (f"{pairs['q1']:.2f}–{pairs['q3']:.2f}, {pairs['min']:.2f}–{pairs['max']:.2f} "
+            f"(n={pairs['n']})")
 
 
 # ---- provenance -------------------------------------------------------------------------------
