@@ -75,3 +75,33 @@ def test_no_interval_without_windows_or_seeds() -> None:
     assert fits["gpt2"].alpha is None
     assert fits["gpt2"].law.alpha == pytest.approx(0.2, rel=1e-2)
     assert math.isinf(fits["gpt2"].law.x_at(1.5))  # below the asymptote: never reached
+
+
+def test_report_section_fits_runs_and_states_the_compute_ratio(tmp_path) -> None:
+    """The report's section from run summaries and their bpb records' windows."""
+    from archbench.evaluate.reporting.data import Collection, Labels, Report, Run
+    from archbench.evaluate.reporting.scaling import section_scaling
+
+    rng = np.random.default_rng(0)
+    hardness = rng.lognormal(0, 0.1, 32)
+    col = Collection()
+    for arch, alpha in (("transformer", 0.3), ("mamba", 0.4)):
+        law = PowerLaw(2.0, alpha, 1.0, 1e5)
+        for n in (1e5, 3e5, 1e6):
+            path = tmp_path / f"{arch}{n:g}"
+            loss = float(law(n)) * hardness
+            col.runs.append(Run(path, {
+                "arch": arch, "size": f"{n:g}", "status": "finished", "seed": 0,
+                "param_counts": {"active_non_embedding": n}, "tokens_seen": 1e6,
+                "flops_per_token": {"train": 6 * n}, "final": {"loss": float(loss.mean())},
+                "config": {"data": {"source": "stdlib"}}}))
+            col.records.append({"kind": "eval", "eval": "bpb", "metric": "bpb", "arch": arch,
+                                "ckpt": str(path), "value": 1.0,
+                                "windows": {"nats": list(loss * 100), "tokens": [100] * 32}})
+    rep = Report(col, tmp_path / "out", Labels(col))
+    assert section_scaling(rep)
+    text = "\n".join(rep.lines)
+    assert "## Scaling laws" in text and "| mamba | 3 |" in text
+    assert "mamba reaches transformer's final loss with" in text
+    assert (tmp_path / "out" / "scaling_params.png").is_file()
+    assert (tmp_path / "out" / "scaling_flops.png").is_file()
