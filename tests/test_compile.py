@@ -181,3 +181,36 @@ def test_grouped_query_decode_step_equals_the_full_forward() -> None:
         steps = torch.stack([grouped.decode_step(seq[:, i], cache) for i in range(5, 13)], 1)
     torch.testing.assert_close(steps, full[:, 5:], rtol=0.0, atol=1e-5)
     assert cache.pos == 13 and cache.states[0][0].length == 13
+
+
+def test_selective_scan_operators_keep_their_registered_shapes_and_gradients() -> None:
+    """Mamba-1's scan is a pair of custom operators: their fake (shape-only) versions must
+    match the real outputs in shape and layout, or compiled training fails in the backward."""
+    from archbench.archs.kernels import selective_scan
+
+    gen = torch.Generator().manual_seed(0)
+    length, batch, dim, n_state = 11, 2, 6, 4
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    dt = torch.nn.functional.softplus(rand(length, batch, dim)).requires_grad_()
+    u, B, C = (rand(*s).requires_grad_() for s in ((length, batch, dim), (length, batch, n_state),
+                                                    (length, batch, n_state)))
+    A = (-torch.rand(dim, n_state, generator=gen, dtype=torch.float64) - 0.5).requires_grad_()
+    h0 = rand(batch, n_state, dim).requires_grad_()
+    args = (dt, u, A, B, C, h0, 4, True)
+    torch.library.opcheck(selective_scan._scan_fwd_op, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    y, last, starts = selective_scan._scan_fwd_op(*args)
+    gy = rand(length, batch, dim)
+    grads = selective_scan._scan_bwd_op(gy, dt.detach(), u.detach(), A.detach(), B.detach(),
+                                        C.detach(), starts.detach(), 4)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (gy, dt, u, A, B, C, starts)]
+        shapes = selective_scan._scan_bwd_op(*fakes, 4)
+    for real, fake in zip(grads, shapes, strict=True):
+        assert real.shape == fake.shape and real.stride() == fake.stride()
+    torch.autograd.gradcheck(lambda *t: selective_scan._scan_fwd_op(*t, 4, True)[0],
+                             (dt, u, A, B, C, h0))

@@ -168,7 +168,7 @@ def _scan_bwd_op(gy: torch.Tensor, dt: torch.Tensor, u: torch.Tensor, A: torch.T
         torch.sum(a.mul_(A_t), dim=-2, out=g_dt[sl])
     g_dt.addcmul_(g_du, u)
     g_u = g_du.mul_(dt)
-    g_A = g_A_acc.sum(dim=(0, 1)).t()
+    g_A = g_A_acc.sum(dim=(0, 1)).t().contiguous()  # the layout its registered shape says
     return g_dt, g_u, g_A, g_B, g_C, carry
 
 
@@ -223,7 +223,9 @@ def selective_scan_chunked(
     h0 = initial_state.transpose(1, 2).contiguous()  # the kernel keeps states as (batch, N, D)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0))
     cdt = _compute_dtype(*args, h0)
-    dt_, u_, A_, B_, C_ = (t.to(cdt) for t in args)
+    # Contiguous time-major inputs: the operators' outputs (and gradients) then have the
+    # contiguous layouts their registered shapes promise to the compiler.
+    dt_, u_, A_, B_, C_ = (t.to(cdt).contiguous() for t in args)
     # Inference keeps no chunk start states (they are for the backward only).
     y, last, _ = _scan_fwd_op(dt_, u_, A_, B_, C_, h0.to(cdt), chunk_size, needs_grad)
     last = last.transpose(1, 2)
