@@ -234,6 +234,12 @@ class LanguageModel(nn.Module):
         if not self.static_decode:
             return self(tokens.reshape(-1, 1), cache)[:, -1]
         step = self._compiled_step or self.decode_body
+        if self._compiled_step is not None and cache.position_tensor().is_cuda \
+                and not cache.extra.get("static_addresses"):
+            from archbench.archs.compiling import mark_cache_static
+
+            mark_cache_static(cache)  # CUDA graphs then update the buffers in place
+            cache.extra["static_addresses"] = True
         logits = step(tokens.reshape(-1), cache.states, cache.position_tensor())
         cache.advance(1)
         return logits

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from archbench.archs.base import ForwardContext
-from archbench.archs.compiling import compile_module, graph_report, mark_cache_static
+from archbench.archs.compiling import compile_module, graph_report
 from archbench.evaluate.bench.measure import Timing, restore_cache, snapshot_cache
 from archbench.train.step import lm_loss
 
@@ -53,8 +53,7 @@ def train_graph_breaks(model: Any, tokens: torch.Tensor) -> dict[str, Any]:
     return graph_report(loss_of, tokens[:, :-1], tokens[:, 1:]).as_dict()
 
 
-def compile_decoder(model: Any, cache: Any, steps: torch.Tensor, dtype: str,
-                    device: torch.device) -> dict[str, Any]:
+def compile_decoder(model: Any, cache: Any, steps: torch.Tensor, dtype: str) -> dict[str, Any]:
     """Compile `model`'s decode step and check it against eager decoding from the state `cache`
     holds now (left as it was found). Returns the record fields (graph_breaks, compile_check)."""
     prefilled = snapshot_cache(cache, to="cpu")
@@ -66,9 +65,7 @@ def compile_decoder(model: Any, cache: Any, steps: torch.Tensor, dtype: str,
     eager_state = [t.float().cpu() for pair in cache.states for s in pair if s is not None
                    for t in s.tensors()]
     restore_cache(cache, prefilled)
-    model.compile_decoding()
-    if device.type == "cuda":
-        mark_cache_static(cache)
+    model.compile_decoding()  # decode_step marks a CUDA cache's buffers static itself
     began = time.perf_counter()
     compiled = [model.decode_step(steps[:, i], cache).float().cpu()
                 for i in range(steps.shape[1])]

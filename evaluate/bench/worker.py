@@ -198,7 +198,7 @@ def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device,
         model(prompt, cache)
     positions = snapshot_cache(cache, tensors=False)
     if wants_compile(task):
-        checked = compile_decoder(model, cache, steps, task["dtype"], device)
+        checked = compile_decoder(model, cache, steps, task["dtype"])
         if info is not None:
             info.update(checked)
 
