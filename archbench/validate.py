@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict
@@ -119,7 +120,7 @@ def run_one(name: str, group: str, own: dict[str, Any], rest: list[str]) -> dict
     sweep = root / (name if group == GROUPS["cpu"] else f"gpu/{name}")
     cfg = compose(name, fixed_only(rest), group)
     meta = cfg.validate
-    began = time.time()
+    began, cpu_before = time.time(), _child_cpu_seconds()
     reason = meta.not_run_here
     if not own.get("_run", True) and not sweep.is_dir():
         reason = "left out by validate.only / validate.skip, and no earlier results"
@@ -139,12 +140,32 @@ def run_one(name: str, group: str, own: dict[str, Any], rest: list[str]) -> dict
     outcome = Outcome.not_run(reason) if reason else judge(name, meta, sweep)
     row = {"name": name, "claim": meta.claim, "source": meta.source, "scaling": meta.scaling,
            "rule": meta.rule, "metric": meta.metric, "sweep": str(sweep),
-           "seconds": time.time() - began, **asdict(outcome)}
+           "seconds": time.time() - began, "cpu_seconds": _child_cpu_seconds() - cpu_before,
+           **asdict(outcome)}
+    row["first_run"] = _first_run(sweep, row)
     if sweep.is_dir():
         write_text_atomic(sweep / "validation.json", json.dumps(row, default=str, indent=1))
     print(f"validate {name}: {outcome.verdict}" + (f" ({outcome.why})" if outcome.why else ""),
           flush=True)
     return row
+
+
+def _first_run(sweep: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Wall and stage CPU seconds of the invocation that did the work: this one, unless it
+    found everything done (under a second of stage CPU) and an earlier one recorded its cost."""
+    if row["cpu_seconds"] < 1.0:
+        try:
+            earlier = json.loads((sweep / "validation.json").read_text()).get("first_run")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        return earlier or {}  # {}: done by an invocation that did not record its cost
+    return {"seconds": row["seconds"], "cpu_seconds": row["cpu_seconds"],
+            "load": os.getloadavg()[0]}
+
+
+def _child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _has_cuda() -> bool:

@@ -436,15 +436,17 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: dict[str, Any]) 
         lines.append(f"| {_cell(r['claim'])} | {_cell(r['source'])} | {_cell(r['ours'])} | "
                      f"{_cell(verdict)} |")
     load = header.get("load") or (math.nan, math.nan)
+    total_cpu = sum(float((r.get("first_run") or {}).get("cpu_seconds") or 0) for r in rows)
     lines += [
         "", "## How this report was made", "",
         f"Command: `{header['command']}` (preset {header['preset']}; ran or resumed: "
         f"{', '.join(header['ran']) or 'none'}).", "",
         f"Machine: {header['machine']}; load average {load[0]:.1f} at the start (other "
         f"processes), {load[1]:.1f} at the end.", "",
-        f"Wall time: {header['seconds']:.0f} s for this invocation; per reproduction: "
-        + ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in rows)
-        + " (a reproduction whose stages were done already takes seconds).", "",
+        f"Wall time: {header['seconds']:.0f} s for this invocation (a reproduction whose "
+        "stages were done already takes seconds). The invocation that did each one's work "
+        "(wall s / CPU s of its stage processes / load average then): "
+        + ", ".join(_cost(r) for r in rows) + f"; CPU in all: {total_cpu:.0f} s.", "",
         "Verdicts: **reproduced** when every check of the rule passes; **not reproduced** "
         "names the checks that failed; **not run here** says why (a GPU-only setting, missing "
         "data, a failed stage). Accuracy intervals are Wilson 95% over the scored answers; "
@@ -456,6 +458,14 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: dict[str, Any]) 
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     write_text_atomic(out / "validation.json", json.dumps(rows, default=str, indent=1))
     return path
+
+
+def _cost(r: dict[str, Any]) -> str:
+    first = r.get("first_run") or {}
+    if not first:
+        return f"{r['name']} not recorded"
+    return (f"{r['name']} {first['seconds']:.0f} / {first['cpu_seconds']:.0f} / "
+            f"{first.get('load', math.nan):.0f}")
 
 
 def _section(r: dict[str, Any], out: Path) -> list[str]:
