@@ -114,15 +114,25 @@ class DiagonalSSM(nn.Module):
         dB = (dA - 1) / A
         return dt_A, dA, dB, torch.view_as_complex(self.C)
 
-    def powers(self, dt_A: torch.Tensor, length: int) -> torch.Tensor:
-        """dA^l for l = 0..length-1, (channels, modes, length): the Vandermonde matrix."""
+    def powers(self, dt_A: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real and imaginary parts of dA^l = exp(l Re(dt A)) (cos + i sin)(l Im(dt A)) for
+        l = 0..length-1, each (channels, modes, length): the Vandermonde matrix. Real exp, cos
+        and sin instead of a complex exp: the same numbers, about 10x faster on CPU."""
         pos = torch.arange(length, device=dt_A.device, dtype=dt_A.real.dtype)
-        return torch.exp(dt_A.unsqueeze(-1) * pos)
+        decay = torch.exp(dt_A.real.unsqueeze(-1) * pos)
+        angle = dt_A.imag.unsqueeze(-1) * pos
+        return decay * torch.cos(angle), decay * torch.sin(angle)
 
     def kernel(self, length: int) -> torch.Tensor:
         """The real convolution kernel K (channels, length) of the whole system."""
         dt_A, _, dB, C = self.discrete()
-        return 2 * torch.einsum("hm,hml->hl", C * dB, self.powers(dt_A, length)).real
+        return self._kernel(C * dB, self.powers(dt_A, length))
+
+    @staticmethod
+    def _kernel(coeff: torch.Tensor, power: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """K_l = 2 Re(sum_n coeff_n dA_n^l), in real arithmetic."""
+        return 2 * (torch.einsum("hm,hml->hl", coeff.real, power[0])
+                    - torch.einsum("hm,hml->hl", coeff.imag, power[1]))
 
     def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,9 +142,11 @@ class DiagonalSSM(nn.Module):
         length = u.shape[-1]
         u = u.to(state_real_dtype(u.dtype))
         dt_A, dA, dB, C = self.discrete()
-        power = self.powers(dt_A, length)
-        kernel = 2 * torch.einsum("hm,hml->hl", C * dB, power).real
-        y = fft_causal_conv(u, kernel)
+        power_parts = self.powers(dt_A, length)
+        y = fft_causal_conv(u, self._kernel(C * dB, power_parts))
+        if h0 is None and not return_state:
+            return y, None
+        power = torch.complex(*power_parts)
         if h0 is not None:  # the carried state decays through the chunk: 2 Re(C dA^(t+1) h0)
             y = y + 2 * torch.einsum("...hm,hml->...hl", h0 * (C * dA), power).real
         if not return_state:
