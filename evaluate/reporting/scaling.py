@@ -221,6 +221,17 @@ def compute_ratio(fits: dict[str, ScalingFit], points: list[ScalingPoint], arch:
 
 # ---- from the report's records ---------------------------------------------------------------
 
+def _key(path: Any) -> str:
+    """A run folder as one string, written relative or absolute, or as a checkpoint inside it
+    (an eval record's `ckpt` names the step folder it loaded)."""
+    from pathlib import Path
+
+    parts = Path(str(path)).resolve().parts
+    if "checkpoints" in parts:
+        parts = parts[:parts.index("checkpoints")]
+    return str(Path(*parts))
+
+
 def points_from(runs: list[Any], records: list[dict[str, Any]]) -> list[ScalingPoint]:
     """One point per finished language-model run: non-embedding parameters (active), training
     FLOPs (tokens seen x train FLOPs per token), final validation loss, and the per-window nats of
@@ -229,7 +240,7 @@ def points_from(runs: list[Any], records: list[dict[str, Any]]) -> list[ScalingP
     for rec in records:
         if (rec.get("kind") == "eval" and rec.get("eval") == "bpb" and rec.get("metric") == "bpb"
                 and rec.get("windows") and rec.get("ckpt")):
-            windows[str(rec["ckpt"]).rstrip("/")] = rec["windows"]
+            windows[_key(rec["ckpt"])] = rec["windows"]
     out = []
     for run in runs:
         s = run.summary
@@ -241,7 +252,7 @@ def points_from(runs: list[Any], records: list[dict[str, Any]]) -> list[ScalingP
             continue
         point = ScalingPoint(run.arch, float(params), float(s["tokens_seen"]) * float(per_token),
                              float(loss), run.seed)
-        win = windows.get(str(run.path).rstrip("/"))
+        win = windows.get(_key(run.path))
         if win:
             point.nats = np.asarray(win["nats"], dtype=np.float64)
             point.tokens = np.asarray(win["tokens"], dtype=np.float64)
