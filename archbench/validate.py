@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from archbench.compare import Comparison, _parse, compose, fixed_only, machine_text
+from archbench.compare import Comparison, _parse, compose, finished, fixed_only, machine_text
 from archbench.config import ConfigError
 from archbench.io import write_text_atomic
 
@@ -47,6 +47,16 @@ class Reproduction(Comparison):
 
     def report(self, seconds: float) -> Path:
         return self.sweep
+
+    def expected_runs(self) -> list[Path]:
+        """The run folders of every study's training jobs (whether or not they ran)."""
+        out = []
+        for study, spec in self.cc.studies.items():
+            names = [b for b in self.cc.backbones if not spec.backbones or b in spec.backbones]
+            extra = [*spec.train, *self.seed_overrides(spec)]
+            for b in names:
+                out += [d for d, _ in self.jobs(self.sweep / study, extra, b)]
+        return out
 
 
 def reproduction_names(group: str = GROUPS["cpu"]) -> list[str]:
@@ -126,18 +136,29 @@ def run_one(name: str, group: str, own: dict[str, Any], rest: list[str]) -> dict
         reason = "left out by validate.only / validate.skip, and no earlier results"
     if group == GROUPS["gpu"] and reason is None and not _has_cuda():
         reason = "needs a GPU: +preset=gpu runs the published scale"
-    if reason is None and own.get("_run", True):
-        print(f"validate {name}: {meta.claim}", flush=True)
+    missing: list[Path] = []
+    if reason is None:
         try:
-            Reproduction([f"+experiment={name}", f"compare.sweep_dir={sweep}", *rest],
-                         group).run()
+            rep = Reproduction([f"+experiment={name}", f"compare.sweep_dir={sweep}", *rest],
+                               group)
+            if own.get("_run", True):
+                print(f"validate {name}: {meta.claim}", flush=True)
+                rep.run()
+            expected = rep.expected_runs()
+            missing = [d for d in expected if not finished(d)]
         except ConfigError:
             raise
         except Exception as exc:  # one reproduction that breaks does not stop the others
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    from archbench.evaluate.reporting.validation import Outcome
+    from archbench.evaluate.reporting.validation import NOT_RUN, Outcome
 
     outcome = Outcome.not_run(reason) if reason else judge(name, meta, sweep)
+    if missing and not reason and outcome.verdict != NOT_RUN:
+        # a partial sweep (stopped, or runs that failed) is reported as such, never judged
+        outcome.verdict = NOT_RUN
+        outcome.why = (f"incomplete: {len(missing)} of {len(expected)} training runs not "
+                       "finished (stopped or failed; the measurement shown is partial); run "
+                       f"`archbench validate validate.only=[{name}]` again to finish")
     row = {"name": name, "claim": meta.claim, "source": meta.source, "scaling": meta.scaling,
            "rule": meta.rule, "metric": meta.metric, "sweep": str(sweep),
            "seconds": time.time() - began, "cpu_seconds": _child_cpu_seconds() - cpu_before,
