@@ -357,6 +357,8 @@ def scaling_fit(records: list[dict[str, Any]], runs: list[Any], params: dict[str
                     f.alpha is not None and f.alpha.low > 0,
                     "no interval" if f.alpha is None else f.alpha.text(3))
               for a, f in fits.items()]
+    checks += [Check(f"{a}: finished runs at >= 3 sizes", False, "fewer: no fit")
+               for a in params.get("backbones", []) if a not in fits]
     ours = "; ".join(f"{a} alpha {f.alpha.text(2) if f.alpha else round(f.law.alpha, 2)}"
                      for a, f in fits.items())
     flops = fit_backbones(points, "flops")
