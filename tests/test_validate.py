@@ -180,6 +180,9 @@ def test_scaling_rule() -> None:
                      "windows": {"nats": [loss * 100 * (1 + 0.01 * (i % 5 - 2))
                                           for i in range(40)], "tokens": [100] * 40}})
     assert scaling_fit(recs, falls, {"reference": "transformer"}).verdict == REPRODUCED
+    out = scaling_fit(recs, falls, {"reference": "transformer",
+                                    "backbones": ["transformer", "mamba"]})
+    assert out.verdict == NOT_REPRODUCED and "mamba: finished runs at >= 3 sizes" in out.why
 
 
 # ---- end to end, tiny ----------------------------------------------------------------------------
