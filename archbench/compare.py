@@ -407,7 +407,8 @@ class Comparison:
         plan = {"kind": "compare", "reference": reference, "backbones": backbones,
                 "seeds": [int(x) for x in self.cc.seeds],
                 "tune": OmegaConf.to_container(self.cc.tune, resolve=True),
-                "studies": list(self.cc.studies)}
+                "studies": list(self.cc.studies),
+                "load_average": self.load_before, "cpu_count": os.cpu_count()}
         path = self.sweep / "compare.jsonl"
         write_text_atomic(path, json.dumps(plan) + "\n")
         self.report_inputs.append(path)

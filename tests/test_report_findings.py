@@ -48,7 +48,8 @@ def test_findings_claim_only_what_the_intervals_support(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     difficulty = rng.gamma(4.0, 0.5, N_WINDOWS)
     records = [{"kind": "compare", "reference": "transformer", "seeds": [0, 1],
-                "backbones": ["transformer", "mamba", "rwkv7"]}]
+                "backbones": ["transformer", "mamba", "rwkv7"], "load_average": 9.5,
+                "cpu_count": 2}]
     for seed in (0, 1):
         records += [_bpb_record("transformer", seed, 0.0, rng, difficulty),
                     _bpb_record("mamba", seed, 0.3, rng, difficulty),    # clearly worse
@@ -73,6 +74,7 @@ def test_findings_claim_only_what_the_intervals_support(tmp_path: Path) -> None:
     head = text.split("## What this comparison shows")[0]
     assert "## Read this first" in head                       # unfair settings come first
     assert "mamba (lm): best learning rate 0.03 is at the high edge" in head
+    assert "load average 9.5 on 2 cores" in head
     shows = text.split("## What this comparison shows")[1].split("\n## ")[0]
     lm_worse = next(line for line in shows.splitlines() if line.startswith("- Validation bits")
                     and "worse" in line)

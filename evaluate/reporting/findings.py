@@ -326,6 +326,11 @@ def unfair_settings(rep: Report) -> list[str]:
               if (r.summary.get("size_fit") or {}).get("shape_note")]
     out += sorted(set(shapes))
     out += _lr_fairness(rep, lm)
+    load, cpus = plan(rep).get("load_average"), plan(rep).get("cpu_count")
+    if load is not None and cpus and float(load) > float(cpus):
+        out.append(f"the machine was shared: load average {float(load):.1f} on {cpus} cores when "
+                   "the comparison started, so speeds and wall times are below an idle "
+                   "machine's and speed ratios less certain than their ranges say")
     seeds = {r.label: {r.seed for r in lm if r.label == lb} for lb in {r.label for r in lm}
              for r in lm}
     if lm and all(len(s) < 2 for s in seeds.values()):
