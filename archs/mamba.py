@@ -162,6 +162,12 @@ class _MambaBase(Sublayer):
     def _cuda_missing(self) -> str | None:
         raise NotImplementedError
 
+    @property
+    def decode_path(self) -> str:
+        """Decoding steps run the recurrence, not the chunked scan / SSD of `kernel_path`."""
+        return "cuda:selective_state_update" if self.kernel_path == self.cuda_path else (
+            "torch:recurrent-step")
+
     def _ssm_state_shape(self, batch: int) -> tuple[int, ...]:
         raise NotImplementedError
 

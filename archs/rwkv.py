@@ -347,6 +347,11 @@ class RWKV7TimeMix(Sublayer):
         y = y + bonus.view(batch, length, d)
         return self.output(y * g)
 
+    @property
+    def decode_path(self) -> str:
+        """Decoding steps run the recurrence in PyTorch, whatever path prefill takes."""
+        return "torch:recurrent-step"
+
     def decode_step(
         self, x: torch.Tensor, state: LayerState | None, position: torch.Tensor,
         ctx: ForwardContext,
