@@ -1,8 +1,9 @@
 """Size presets solved per backbone: pick depth and width so a parameter (or FLOPs) target is met.
 
 Hand-tuned presets drift whenever a mixer changes; solving keeps comparisons matched
-(docs/design.md, fairness rule 3). The count of every candidate is exact: blocks are built on the meta device and
-their parameters summed, so the solver cannot disagree with `LanguageModel.param_counts`.
+(docs/design.md, fairness rule 3). The count of every candidate is exact: blocks are built on
+the meta device and their parameters summed, so the solver cannot disagree with
+`LanguageModel.param_counts`.
 """
 
 from __future__ import annotations
