@@ -120,6 +120,13 @@ class ScalingFit:
     alpha: Interval | None  # None: no per-window losses or seeds to resample
     replicates: list[PowerLaw] = field(default_factory=list)
     points: list[tuple[float, float]] = field(default_factory=list)  # (x, mean loss per size)
+    replicate_losses: list[list[float]] = field(default_factory=list)  # per replicate, per size
+
+    @property
+    def falls(self) -> bool:
+        """A decreasing power law fits: a > 0 and alpha off the floor of the search (at the
+        floor, the best 'power law' is a flat line: the loss does not fall with x)."""
+        return self.law.a > 0 and self.law.alpha > 2 * ALPHA_RANGE[0]
 
 
 def _sizes(points: list[ScalingPoint]) -> dict[float, list[ScalingPoint]]:
@@ -188,6 +195,7 @@ def fit_backbones(points: list[ScalingPoint], axis: str, n_boot: int = 1000, see
         for arch, sizes in by_arch.items():
             xs, ys = _curve(sizes, axis, windows, rng)
             fits[arch].replicates.append(fit_power_law(xs, ys))
+            fits[arch].replicate_losses.append(ys)
     tail = (1 - level) / 2
     for fit in fits.values():
         alphas = np.array([r.alpha for r in fit.replicates])
@@ -203,17 +211,16 @@ def compute_ratio(fits: dict[str, ScalingFit], points: list[ScalingPoint], arch:
     whose fit never reaches that loss counts as inf, so an interval may be open above."""
     if arch not in fits or reference not in fits or fits[arch].axis != "flops":
         return None
-    ref_runs = [p for p in points if p.arch == reference]
-    top = max(p.flops for p in ref_runs)
-    top_runs = [p for p in ref_runs if p.flops == top]
-    target = float(np.mean([p.loss for p in top_runs]))
+    ref = fits[reference]
+    top_index = int(np.argmax([x for x, _ in ref.points]))
+    top, target = ref.points[top_index]
     estimate = fits[arch].law.x_at(target) / top
-    reps_a, reps_r = fits[arch].replicates, fits[reference].replicates
-    if not reps_a or len(reps_a) != len(reps_r):
+    reps_a = fits[arch].replicates
+    if not reps_a or len(reps_a) != len(ref.replicate_losses):
         return Interval(estimate, math.nan, math.nan, level)
-    # the reference's final loss in each replicate: its own fit at its top compute
-    ratios = np.array([ra.x_at(float(rr(top))) / top for ra, rr in zip(reps_a, reps_r,
-                                                                       strict=True)])
+    # the reference's final loss in each replicate: its largest run on the replicate's windows
+    ratios = np.array([ra.x_at(losses[top_index]) / top
+                       for ra, losses in zip(reps_a, ref.replicate_losses, strict=True)])
     tail = (1 - level) / 2
     return Interval(estimate, float(np.quantile(ratios, tail)),
                     float(np.quantile(ratios, 1 - tail)), level)
@@ -262,6 +269,8 @@ def points_from(runs: list[Any], records: list[dict[str, Any]]) -> list[ScalingP
 
 
 def _alpha_text(fit: ScalingFit) -> str:
+    if not fit.falls:
+        return f"none: the loss does not fall with x (a = {fit.law.a:.3g})"
     if fit.alpha is None:
         return f"{fit.law.alpha:.3f} (no interval: one seed and no per-window losses)"
     return fit.alpha.text(3)

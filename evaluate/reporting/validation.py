@@ -347,15 +347,22 @@ def loss_target(records: list[dict[str, Any]], runs: list[Any], params: dict[str
 def scaling_fit(records: list[dict[str, Any]], runs: list[Any], params: dict[str, Any]
                 ) -> Outcome:
     """Loss falls as a power of parameters: alpha's interval above zero for every backbone."""
-    from archbench.evaluate.reporting.scaling import compute_ratio, fit_backbones, points_from
+    from archbench.evaluate.reporting.scaling import (
+        ALPHA_RANGE,
+        compute_ratio,
+        fit_backbones,
+        points_from,
+    )
 
     points = points_from([r for r in runs if r.finished and r.task is None], records)
     fits = fit_backbones(points, "params")
     if not fits:
         return Outcome.not_run("fewer than 3 finished sizes per backbone")
     checks = [Check(f"{a}: alpha > 0 (loss falls as a power of N)",
-                    f.alpha is not None and f.alpha.low > 0,
-                    "no interval" if f.alpha is None else f.alpha.text(3))
+                    f.falls and f.alpha is not None and f.alpha.low > 2 * ALPHA_RANGE[0],
+                    ("no interval" if f.alpha is None else f.alpha.text(3))
+                    + ("" if f.falls else f"; no falling power law fits (a = {f.law.a:.3g}): "
+                       "losses " + ", ".join(f"{y:.3f}" for _, y in f.points)))
               for a, f in fits.items()]
     checks += [Check(f"{a}: finished runs at >= 3 sizes", False, "fewer: no fit")
                for a in params.get("backbones", []) if a not in fits]
