@@ -23,7 +23,7 @@ from archbench.archs.compiling import compile_module
 from archbench.archs.model import resolve_kernels
 from archbench.archs.sizing import build_model
 from archbench.config import to_container, validate
-from archbench.device import pick_device
+from archbench.device import autocast_dtype, pick_device
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.progress import progress_bar
 from archbench.provenance import provenance
@@ -41,13 +41,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint stays in place."""
 
 
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 on CUDA, none (fp32) on CPU by default."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def token_budget(cfg: Any, params: int) -> int:
@@ -182,7 +175,7 @@ def _setup(cfg: DictConfig, run_dir: Path) -> _Run:
     dist = dist_utils.setup(tcfg.distributed)
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), dist))  # rank 0's, everywhere
     device = dist.device or pick_device(tcfg.device, "train.device")
-    amp_dtype = pick_dtype(tcfg.dtype, device)
+    amp_dtype = autocast_dtype(tcfg.dtype, device, "train.dtype")
     if tcfg.batch_size % (tcfg.grad_accum * dist.world):
         raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "
                          f"train.grad_accum={tcfg.grad_accum} x world size {dist.world}")
