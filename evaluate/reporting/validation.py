@@ -400,6 +400,7 @@ def plot_outcome(outcome: Outcome, path: Path, title: str) -> Path | None:
 
     fig, axes = plots.new_figure()
     ax = axes[0]
+    styles = plots.Styles((name, name) for name in outcome.series)  # each backbone's colour
     xs_all, ys_all = [], []
     for name, pts in outcome.series.items():
         x = [p[0] for p in pts]
@@ -407,8 +408,9 @@ def plot_outcome(outcome: Outcome, path: Path, title: str) -> Path | None:
         # Wilson bounds may sit a rounding error inside the estimate at 0 or 1
         err = np.clip(np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]), 0,
                       None)
-        ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", markersize=4, capsize=2,
-                    label=name)
+        style = styles(name)
+        ax.errorbar(x, y, yerr=err if err.any() else None, marker=style["marker"], markersize=4,
+                    capsize=2, label=name, color=style["color"])
         xs_all += x
         ys_all += y
     ybytes = "bytes" in outcome.axes[1]
