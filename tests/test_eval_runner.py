@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from archbench.archs.model import LanguageModel
-from archbench.config import RootConfig, register_schema, validate
+from archbench.config import DataConfig, RootConfig, register_schema, validate
 from archbench.evaluate.quality.perplexity import file_split, split_metrics
 from archbench.evaluate.quality.runner import EvaluationsFailed, expand_checkpoints, run_eval
 from archbench.evaluate.records import EvalContext, best_per_group, make_record
@@ -100,6 +100,29 @@ def test_bpb_and_extrapolation_records_from_a_checkpoint(tmp_path: Path) -> None
     assert by[("extrapolation", "loss", 64, None)]["status"] == "ok"
     past = by[("extrapolation", "loss", 128, None)]
     assert past["status"] == "not_supported" and past["value"] is None and "64" in past["reason"]
+
+
+def test_a_one_file_corpus_is_scored_on_the_tail_training_held_out(tmp_path: Path) -> None:
+    """A one-document corpus (tinyshakespeare) has no document-level validation split: training
+    holds out the last `holdout_tail` of the text, and `archbench eval` must score that tail too
+    (it once split by documents only and found no window to score)."""
+    text_file = tmp_path / "one.txt"
+    text_file.write_text(TEXT * 4, encoding="utf-8")
+    data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "source": "path", "path": str(text_file), "val_fraction": 0.0, "holdout_tail": 0.1,
+        "cache_dir": str(tmp_path / "cache")}))
+    ckpt, model = checkpoint(tmp_path, "tail-run", {"attention": {"head_dim": 16}}, 258,
+                             {"train": {"seq_len": 32}, "data": data})
+    records = run_eval(eval_cfg(ckpt, tasks=["bpb"], max_batches=2, batch_size=4))
+    bpb = next(r for r in records if r["eval"] == "bpb" and r["metric"] == "bpb")
+    assert bpb["status"] == "ok"
+    tail = TEXT * 4
+    tail = tail[len(tail) - int(len(tail) * 0.1):]
+    (tmp_path / "tail.txt").write_text(tail, encoding="utf-8")
+    tok = ByteTokenizer()
+    direct = split_metrics(model, file_split(tmp_path / "tail.txt", tok), 32, 4,
+                           tok.token_bytes(), 2)
+    assert bpb["value"] == pytest.approx(direct["bpb"], rel=0.05)
 
 
 def test_a_task_checkpoint_is_scored_on_its_own_task(tmp_path: Path) -> None:

@@ -132,11 +132,12 @@ class CheckpointEval:
         if self.ecfg.file:
             return file_split(self.ecfg.file, self.tokenizer), {"source": "file",
                                                                 "file": str(self.ecfg.file)}
-        from archbench.train.data import build_corpus, tokenize_corpus
+        from archbench.train.data import build_corpus, load_data
 
+        # load_data splits exactly as training did (one-file corpora hold out their tail).
         data = self.data_cfg
         corpus = build_corpus(data)
-        tokens = tokenize_corpus(corpus, self.tokenizer, data.val_fraction, data.cache_dir)
+        tokens = load_data(data, self.tokenizer, corpus)
         return tokens.val, {"source": data.source, "corpus": corpus.describe().get("hash", "")[:16],
                             "split": "val"}
 
