@@ -51,3 +51,22 @@ def run_killable(cmd: list[str], cwd: Path, env: dict[str, str],
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """A 2-layer, 32-wide attention model with the byte tokenizer saved as a run folder at step 3:
+    the smallest checkpoint `archbench eval` / `generate` / the lm-eval adapter accept."""
+    from omegaconf import OmegaConf
+
+    from archbench.archs.model import LanguageModel
+    from archbench.train.checkpoint import save_checkpoint
+    from archbench.train.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = LanguageModel({"d_model": 32, "n_layers": 2, "attention": {"head_dim": 16}},
+                          tok.vocab_size)
+    save_checkpoint(folder, 3, model, None, tok,
+                    {"arch": OmegaConf.to_container(model.arch), "vocab_size": tok.vocab_size,
+                     "config": {}, "tokenizer": tok.identity})
+    return folder

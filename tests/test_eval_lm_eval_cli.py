@@ -12,24 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
+from conftest import save_tiny_checkpoint
 
-from archbench.archs.model import LanguageModel
 from archbench.evaluate.quality.lm_eval_adapter import TASKS_DIR
 from archbench.evaluate.quality.perplexity import score_continuations
-from archbench.train.checkpoint import load_model, save_checkpoint
-from archbench.train.tokenizer import ByteTokenizer
+from archbench.train.checkpoint import load_model
 
 
 def test_the_lm_eval_cli_runs_a_local_task_on_a_checkpoint(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    tok = ByteTokenizer()
-    model = LanguageModel({"d_model": 32, "n_layers": 2, "attention": {"head_dim": 16}},
-                          tok.vocab_size)
-    save_checkpoint(tmp_path / "run", 3, model, None, tok,
-                    {"arch": OmegaConf.to_container(model.arch), "vocab_size": tok.vocab_size,
-                     "config": {}, "tokenizer": tok.identity})
+    save_tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

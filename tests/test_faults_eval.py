@@ -11,12 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from omegaconf import OmegaConf
-
-from archbench.archs.model import LanguageModel
-from archbench.train.checkpoint import save_checkpoint
-from archbench.train.tokenizer import ByteTokenizer
+from conftest import save_tiny_checkpoint
 
 OFFLINE = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -24,14 +19,7 @@ OFFLINE = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
 
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    tok = ByteTokenizer()
-    model = LanguageModel({"d_model": 32, "n_layers": 2, "attention": {"head_dim": 16}},
-                          tok.vocab_size)
-    save_checkpoint(tmp_path / "run", 3, model, None, tok,
-                    {"arch": OmegaConf.to_container(model.arch), "vocab_size": tok.vocab_size,
-                     "config": {}, "tokenizer": tok.identity})
-    return tmp_path / "run"
+    return save_tiny_checkpoint(tmp_path / "run")
 
 
 def test_a_failing_task_does_not_lose_the_others(tiny_run: Path) -> None:
