@@ -108,12 +108,28 @@ class DataConfig:
 
 
 @dataclass
+class StopWhenConfig:
+    """Stop a run at the first evaluation whose held-out metric reaches a threshold (off while
+    `metric` is null). Meant for synthetic tasks: once a model has solved the task on held-out
+    data, more tokens cannot change "solved within the budget", and an unsolved run still trains
+    the whole budget. The run's summary and train record say where it stopped."""
+
+    metric: str | None = None  # val_accuracy | val_loss | val_bpb; None: never stop early
+    at_least: float | None = None  # stop once metric >= this (higher is better)
+    at_most: float | None = None  # stop once metric <= this (lower is better)
+
+
+STOP_METRICS = ("val_accuracy", "val_loss", "val_bpb")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16
     seq_len: int = 256
     tokens: Any = 2_000_000  # a number, or "chinchilla" (20 tokens per parameter)
     max_steps: int | None = None  # stop early (the schedule still spans `tokens`)
+    stop_when: StopWhenConfig = field(default_factory=StopWhenConfig)  # solved: stop
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -463,6 +479,7 @@ def validate(cfg: Any) -> None:
     if isinstance(t.tokens, (int, float)):
         require_positive("train.tokens", t.tokens)
     require_choice("train.schedule", t.schedule, SCHEDULES)
+    validate_stop_when(t.stop_when, cfg.data.source)
     require_choice("train.dtype", t.dtype, DTYPES)
     require_choice("train.distributed", t.distributed, ("none", "ddp", "fsdp"))
     require_choice("bench.dtype", cfg.bench.dtype, DTYPES)
@@ -476,6 +493,30 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"generate.min_p={g.min_p} must be in [0, 1]")
     if g.top_k is not None and g.top_k < 1:
         raise ConfigError(f"generate.top_k={g.top_k} must be >= 1")
+
+
+def validate_stop_when(stop: Any, data_source: str) -> None:
+    """train.stop_when: a known metric with exactly one bound, or nothing at all; accuracy only
+    exists on synthetic tasks (data.source=task) and lies in [0, 1]."""
+    bounds = {k: stop[k] for k in ("at_least", "at_most") if stop[k] is not None}
+    if stop.metric is None:
+        if bounds:
+            raise ConfigError(f"train.stop_when has {bounds} but no metric; set "
+                              f"train.stop_when.metric to one of {list(STOP_METRICS)}")
+        return
+    require_choice("train.stop_when.metric", stop.metric, STOP_METRICS)
+    if len(bounds) != 1:
+        raise ConfigError(f"train.stop_when={dict(metric=stop.metric, **bounds)} is not allowed; "
+                          "give exactly one of train.stop_when.at_least or "
+                          "train.stop_when.at_most")
+    if stop.metric == "val_accuracy":
+        if data_source != "task":
+            raise ConfigError(f"train.stop_when.metric=val_accuracy is not allowed with "
+                              f"data.source={data_source!r}: accuracy is measured on synthetic "
+                              "tasks only (data.source=task); use val_loss or val_bpb")
+        if stop.at_least is None or not 0.0 < float(stop.at_least) <= 1.0:
+            raise ConfigError(f"train.stop_when for val_accuracy needs at_least in (0, 1]; got "
+                              f"{bounds}")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

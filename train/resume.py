@@ -180,8 +180,8 @@ def is_finished(summary: dict[str, Any], cfg: DictConfig) -> bool:
     raised)."""
     if summary.get("status") != "finished":
         return False
-    if not cfg.train.resume:
-        return True
+    if not cfg.train.resume or summary.get("stopped_early"):
+        return True  # a run that met train.stop_when is done (that key may not change)
     planned = summary.get("total_steps", 0)
     if cfg.train.max_steps:
         planned = min(planned, cfg.train.max_steps)

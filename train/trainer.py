@@ -135,6 +135,7 @@ class _Run:
     last_eval: dict[str, Any] = field(default_factory=dict)
     logger: Any = None
     token_bytes: np.ndarray | None = None
+    stopped_early: dict[str, Any] | None = None  # train.stop_when met: where and at what value
 
     @property
     def tcfg(self) -> Any:
@@ -221,6 +222,7 @@ def _resume(run: _Run) -> None:
     if run.tcfg.resume and (state := dist_utils.restore(
             run.run_dir, run.model, run.train_step.optimizer, run.dist)) is not None:
         run.step = state["step"]
+        _restore_stop(run, state)
         if run.is_main:
             _truncate_metrics(run.metrics_path, run.step)
             print(f"resumed from {state['checkpoint']} at step {run.step}")
@@ -278,12 +280,63 @@ def _evaluate(run: _Run) -> None:
         run.logger.log_metrics(run.step, {k: v for k, v in val.items() if k.startswith("val_")})
 
 
+# Keys of split_metrics' result behind the names train.stop_when.metric accepts.
+STOP_KEYS = {"val_accuracy": "accuracy", "val_loss": "loss", "val_bpb": "bpb"}
+
+
+def stop_reached(stop: Any, last_eval: dict[str, Any]) -> float | None:
+    """The metric's value when the evaluation just made meets train.stop_when, else None."""
+    if stop.metric is None:
+        return None
+    value = last_eval.get(STOP_KEYS[stop.metric])
+    if value is None or not math.isfinite(float(value)):
+        return None
+    value = float(value)
+    if stop.at_least is not None and value >= float(stop.at_least):
+        return value
+    if stop.at_most is not None and value <= float(stop.at_most):
+        return value
+    return None
+
+
+def _check_stop(run: _Run) -> None:
+    """After an evaluation: mark the run as stopped when train.stop_when is met. Rank 0 decides
+    (it holds the evaluation) and every rank follows, so all leave the loop at the same step.
+    The mark goes into the checkpoint's state, so a resume does not train on past it."""
+    stop = run.tcfg.stop_when
+    if stop.metric is None:
+        return
+    value = stop_reached(stop, run.last_eval) if run.is_main else None
+    value = dist_utils.broadcast_object(value, run.dist)
+    if value is None:
+        return
+    bound = "at_least" if stop.at_least is not None else "at_most"
+    run.stopped_early = {
+        "metric": stop.metric, "value": value, "rule": bound, "threshold": float(stop[bound]),
+        "step": run.step, "tokens": run.step * run.tokens_per_step,
+        "budget_tokens": run.last_step * run.tokens_per_step, "eval": dict(run.last_eval)}
+    run.meta["stopped_early"] = run.stopped_early
+    if run.is_main:
+        print(f"{run.cfg.arch.name}: stopped early at step {run.step} "
+              f"({run.stopped_early['tokens']} of {run.stopped_early['budget_tokens']} tokens): "
+              f"{stop.metric}={value:.4g}, train.stop_when.{bound}={float(stop[bound]):g}")
+
+
+def _restore_stop(run: _Run, state: dict[str, Any]) -> None:
+    """A checkpoint written where the run stopped early ends the run there on resume too."""
+    stopped = state.get("stopped_early")
+    if stopped and int(stopped.get("step", -1)) == run.step:
+        run.stopped_early = stopped
+        run.meta["stopped_early"] = stopped
+        run.last_eval = dict(stopped.get("eval") or {})
+
+
 def _loop(run: _Run, bar: Any) -> None:
     """Train from `run.step` to `run.last_step`: log, evaluate and checkpoint on schedule."""
     tcfg = run.tcfg
     window_time, window_tokens = time.time(), 0
     run.model.train()
-    while run.step < run.last_step:
+    while run.step < run.last_step and run.stopped_early is None:
         lr = lr_at(run.step, run.total_steps, tcfg)
         for group in run.train_step.optimizer.param_groups:
             group["lr"] = group_lr(group, lr)
@@ -309,7 +362,9 @@ def _loop(run: _Run, bar: Any) -> None:
                           f"evaluation on {tcfg.eval_batches} validation batches, then the "
                           "checkpoint ...")
             _evaluate(run)
-        if run.step % tcfg.ckpt_every == 0 or final:
+            if not final:
+                _check_stop(run)
+        if run.step % tcfg.ckpt_every == 0 or final or run.stopped_early is not None:
             dist_utils.save(run.run_dir, run.step, run.model, run.train_step.optimizer,
                             run.tokenizer, run.meta, run.dist)
 
@@ -323,6 +378,7 @@ def _summary(run: _Run, status: str, error: str | None, wall: float, tokens_seen
         "status": status, "run": run.run_dir.name, "arch": run.cfg.arch.name,
         "size": run.cfg.size.name, "step": step, "total_steps": run.total_steps,
         "tokens_seen": step * tokens_per_step, "tokens_budget": run.budget, "wall_time_s": wall,
+        "stopped_early": run.stopped_early,
         "tokens_per_s": (step * tokens_per_step - tokens_seen_start) / max(wall, 1e-9),
         "final": run.last_eval, "dtype": str(run.amp_dtype or torch.float32),
         "seed": run.tcfg.seed, "layer_plan": [list(p) for p in run.model.plan],
@@ -342,7 +398,8 @@ def _finish(run: _Run, summary: dict[str, Any], outcome: dict[str, bool]) -> Non
         write_json_atomic(run.run_dir / "summary.json", summary)
         record = {"kind": "train", **{k: summary[k] for k in (
             "run", "arch", "size", "status", "tokens_seen", "wall_time_s", "tokens_per_s",
-            "param_counts", "kernel_paths", "seed", "tokenizer", "dtype")},
+            "param_counts", "kernel_paths", "seed", "tokenizer", "dtype", "tokens_budget",
+            "stopped_early")},
             "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"),
             "val_accuracy": last_eval.get("accuracy"), "seq_len": run.seq_len,
             "provenance": summary["provenance"]}
