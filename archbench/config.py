@@ -12,6 +12,8 @@ and `RootConfig` are therefore built on first use, once every component has decl
 
 from __future__ import annotations
 
+import ast
+import operator
 from dataclasses import MISSING as FIELD_MISSING
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
@@ -40,6 +42,10 @@ class LayerPattern:
 
     mixers: list[str] = field(default_factory=lambda: ["attention"])
     mlps: list[str] = field(default_factory=lambda: ["dense"])
+    # Mixers pinned to layers whatever the depth, over the periodic pattern: {mixer: [index,
+    # ...]}, 0-based; an index is an integer (negative counts from the end) or an expression
+    # in L, the depth, with + - * and / (integer division), e.g. the H3 hybrid's [1, "L/2"].
+    at: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +66,9 @@ class ShellConfig:
     scaled_residual_init: bool = True  # output projections scaled by 1/sqrt(2 * n_layers)
     aspect: float = 64.0  # preferred d_model per layer when solving sizes
     width_multiple: int = 64
+    # The family's own cap on the size error: the solver meets min(size.tolerance, this). For
+    # families without heads to keep whole (S4D, H3, Hyena), which fit any preset tightly.
+    size_tolerance: float | None = None
     # Dropout on the embedding output and on every sublayer's output before the residual add
     # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
     dropout: float = 0.0
@@ -426,6 +435,72 @@ def pattern_periods(arch: Any) -> tuple[list[str], list[str]]:
     return mixers, mlps
 
 
+_LAYER_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.Div: operator.floordiv, ast.FloorDiv: operator.floordiv}
+
+
+def _layer_index(text: Any, depth: int, key: str) -> int:
+    """An `arch.pattern.at` entry at depth L = `depth`: an int, or an expression in L."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return value(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.Name) and node.id == "L":
+            return depth
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _LAYER_OPS:
+            return _LAYER_OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError
+
+    try:
+        return value(ast.parse(str(text), mode="eval"))
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        raise ConfigError(f"{key}: {text!r} is not a layer index; write an integer or an "
+                          "expression in L (the depth) with + - * / and integers, e.g. "
+                          "'L/2' or 'L-1'") from None
+
+
+def pinned_layers(arch: Any, depth: int | None = None) -> dict[int, str]:
+    """{layer index: mixer} of `arch.pattern.at` at `depth` (default arch.n_layers), checked:
+    known mixers, valid expressions, indices inside the depth, one mixer per layer. With no
+    depth yet (0: solved later), only names and expressions are checked (at L = 1000)."""
+    from archbench.archs import registry
+
+    at = getattr(arch.pattern, "at", None) or {}
+    depth = int(arch.n_layers if depth is None else depth)
+    check_range = depth > 0
+    out: dict[int, str] = {}
+    for mixer, indices in at.items():
+        key = f"arch.pattern.at.{mixer}"
+        require_choice("arch.pattern.at", mixer, registry.mixer_names())
+        if isinstance(indices, (str, int)) or indices is None:
+            raise ConfigError(f"{key}={indices!r} is not allowed; give a list of layer indices")
+        for text in indices:
+            index = _layer_index(text, depth if check_range else 1000, key)
+            if not check_range:
+                continue
+            if not -depth <= index < depth:
+                raise ConfigError(f"{key}: {text!r} is layer {index}, outside arch.n_layers="
+                                  f"{depth} (0 .. {depth - 1}, or negative from the end)")
+            index %= depth
+            if out.get(index, mixer) != mixer:
+                raise ConfigError(f"arch.pattern.at puts both {out[index]!r} and {mixer!r} at "
+                                  f"layer {index} (arch.n_layers={depth})")
+            out[index] = mixer
+    return out
+
+
+def pattern_mixers(arch: Any) -> set[str]:
+    """Every mixer a model of this arch may hold: the period's and the pinned ones."""
+    mixers, _ = pattern_periods(arch)
+    return set(mixers) | {str(m) for m in (getattr(arch.pattern, "at", None) or {})}
+
+
 def validate_arch(arch: Any) -> None:
     """Shell settings, the pattern, every component's `kernels` choice (always: a typo there is
     caught even for an unused mixer), then the checks of each component the pattern uses."""
@@ -438,12 +513,15 @@ def validate_arch(arch: Any) -> None:
     mixers, mlps = pattern_periods(arch)
     for key in ("d_model", "n_layers"):
         require_positive(f"arch.{key}", arch[key], allow_zero=True)
+    require_positive("arch.size_tolerance", arch.get("size_tolerance"))
     for period, key in ((len(mixers), "arch.pattern.mixers"), (len(mlps), "arch.pattern.mlps")):
         if arch.n_layers and arch.n_layers % period:
             raise ConfigError(
                 f"{key} has period {period}, which does not divide arch.n_layers={arch.n_layers}"
             )
-    used = {("mixer", m) for m in mixers} | {("mlp", m) for m in mlps if m != registry.NO_MLP}
+    pinned_layers(arch)
+    used = ({("mixer", m) for m in pattern_mixers(arch)}
+            | {("mlp", m) for m in mlps if m != registry.NO_MLP})
     for comp in registry.all_components():
         if comp.kernels:
             key = comp.config_key

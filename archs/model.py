@@ -17,7 +17,13 @@ from torch.utils.checkpoint import checkpoint
 
 from archbench.archs import registry
 from archbench.archs.base import ForwardContext, LayerState, Sublayer
-from archbench.config import ConfigError, arch_schema, pattern_periods, validate_arch
+from archbench.config import (
+    ConfigError,
+    arch_schema,
+    pattern_periods,
+    pinned_layers,
+    validate_arch,
+)
 
 
 def arch_config(arch: Any) -> DictConfig:
@@ -31,10 +37,13 @@ def arch_config(arch: Any) -> DictConfig:
 
 
 def layer_plan(arch: Any, n_layers: int | None = None) -> list[tuple[str, str]]:
-    """The resolved (mixer, mlp kind) of every layer, from the periodic pattern."""
+    """The resolved (mixer, mlp kind) of every layer: the periodic pattern, then the mixers
+    `arch.pattern.at` pins to layers (a paper's placement that no period gives at every depth).
+    """
     n = n_layers if n_layers is not None else arch.n_layers
     mixers, mlps = pattern_periods(arch)
-    return [(mixers[i % len(mixers)], mlps[i % len(mlps)]) for i in range(n)]
+    pinned = pinned_layers(arch, n) if n else {}
+    return [(pinned.get(i, mixers[i % len(mixers)]), mlps[i % len(mlps)]) for i in range(n)]
 
 
 def learned_position_rows(arch: Any, mixers: set[str]) -> tuple[int, str]:

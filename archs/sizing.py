@@ -29,7 +29,7 @@ from archbench.archs.model import (
     layer_plan,
     learned_position_rows,
 )
-from archbench.config import ConfigError, pattern_periods
+from archbench.config import ConfigError, pattern_mixers, pattern_periods, pinned_layers
 
 MAX_LAYERS = 96
 MAX_WIDTH = 16384
@@ -128,7 +128,9 @@ class _Measurer:
         plain["n_layers"] = 1  # block parameter counts do not depend on depth
         self.arch_json = json.dumps(plain, sort_keys=True)
         self.cfg = OmegaConf.create(plain)
-        self.period = layer_plan(self.cfg, _depth_unit(self.cfg))
+        # block counts do not depend on depth, but a pinned layer's place does: plan per depth
+        self.pinned = bool(self.cfg.pattern.get("at"))
+        self.period = [] if self.pinned else layer_plan(self.cfg, _depth_unit(self.cfg))
         self.vocab_size, self.metric, self.context = vocab_size, metric, context
 
     def __call__(self, d_model: int, n_layers: int) -> float:
@@ -137,8 +139,9 @@ class _Measurer:
         flops = 0.0
         seen: set[str] = set()
         representative: dict[tuple[str, str, bool], int] = {}
+        plan = layer_plan(self.cfg, n_layers) if self.pinned else None
         for i in range(n_layers):
-            mixer, mlp = self.period[i % len(self.period)]
+            mixer, mlp = plan[i] if plan else self.period[i % len(self.period)]
             key = (mixer, mlp, mixer not in seen)
             seen.add(mixer)
             index = representative.setdefault(key, i)
@@ -153,13 +156,26 @@ class _Measurer:
         if self.metric == "flops":
             return 2.0 * (non_embedding - inactive + d_model * self.vocab_size) + flops
         embedding = self.vocab_size * d_model * (1 if cfg.tie_embeddings else 2)
-        rows, _ = learned_position_rows(cfg, {m for m, _ in self.period})
+        rows, _ = learned_position_rows(cfg, pattern_mixers(cfg))
         return float(non_embedding + embedding + rows * d_model)
 
 
 def _depth_unit(arch: Any) -> int:
     mixers, mlps = (len(period) for period in pattern_periods(arch))
     return mixers * mlps // math.gcd(mixers, mlps)
+
+
+def _depths(arch: Any, unit: int) -> list[int]:
+    """Candidate depths: multiples of the period at which every pinned layer exists (the H3
+    hybrid's layer 1 needs at least 2 layers) and no two pinned mixers share a layer."""
+    out = []
+    for n_layers in range(unit, MAX_LAYERS + 1, unit):
+        try:
+            pinned_layers(arch, n_layers)
+        except ConfigError:
+            continue
+        out.append(n_layers)
+    return out
 
 
 def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
@@ -181,35 +197,39 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
         return arch, SizeFit(metric, target, got, arch.d_model, arch.n_layers, solved=False,
                              shape_note=note)
     size_of = _Measurer(arch, vocab_size, metric, context)
+    tolerance, tolerance_key = float(size.tolerance), "size.tolerance"
+    if arch.size_tolerance is not None and arch.size_tolerance < tolerance:
+        tolerance, tolerance_key = float(arch.size_tolerance), "arch.size_tolerance"
     unit = _depth_unit(arch)
+    depths = _depths(arch, unit)
     divisor = _width_divisor(arch)
     best: tuple[float, int, int, float] | None = None
     step = int(arch.width_multiple)
     sane = functools.partial(shape_problems, arch)
     while step >= max(8, divisor) and step % divisor == 0:
-        found = _best_shape(size_of, target, size.tolerance, step, unit, arch.aspect, sane)
+        found = _best_shape(size_of, target, tolerance, step, depths, arch.aspect, sane)
         if found is not None and (best is None or found[0] < best[0]):
             best = found
         if best is not None and best[0] <= math.log(2):  # within 2x of the preferred aspect
             break
         step //= 2  # finer widths only when the coarse grid cannot give a sensible shape
     if best is None:
-        nearest = _nearest_sane(size_of, target, int(arch.width_multiple), divisor, unit, sane,
+        nearest = _nearest_sane(size_of, target, int(arch.width_multiple), divisor, depths, sane,
                                 float(arch.aspect))
         # beyond 2x the target a "nearest" shape is another size altogether: refuse instead
         if nearest is not None and abs(math.log(nearest[2] / target)) <= math.log(2):
             width, depth, got = nearest
             arch.d_model, arch.n_layers = width, depth
             note = (f"no shape in the family's range meets size.target={target:g} ({metric}) "
-                    f"within size.tolerance={size.tolerance}; nearest sane shape {width} x "
+                    f"within {tolerance_key}={tolerance:g}; nearest sane shape {width} x "
                     f"{depth} is {got / target - 1:+.1%} off")
             return arch, SizeFit(metric, target, got, width, depth, solved=True,
                                  shape_note=note)
         raise ConfigError(
-            f"size.target={target:g} ({metric}) cannot be met within size.tolerance="
-            f"{size.tolerance} for arch.name={arch.name!r} (widths in steps of "
+            f"size.target={target:g} ({metric}) cannot be met within {tolerance_key}="
+            f"{tolerance:g} for arch.name={arch.name!r} (widths in steps of "
             f"{arch.width_multiple} down to {max(8, divisor)}, depth in steps of {unit}); "
-            "loosen size.tolerance or set arch.d_model and arch.n_layers"
+            f"loosen {tolerance_key} or set arch.d_model and arch.n_layers"
         )
     _, width, depth, got = best
     arch.d_model, arch.n_layers = width, depth
@@ -219,9 +239,9 @@ def solve_size(arch: Any, size: Any, vocab_size: int) -> tuple[Any, SizeFit]:
 def _width_divisor(arch: Any) -> int:
     """The smallest width step every component of the pattern accepts (whole heads), as each
     declares it in the registry."""
-    mixers, mlps = pattern_periods(arch)
+    _, mlps = pattern_periods(arch)
     divisor = 1
-    for role, names in (("mixer", mixers), ("mlp", mlps)):
+    for role, names in (("mixer", pattern_mixers(arch)), ("mlp", mlps)):
         for name in set(names) - {registry.NO_MLP}:
             comp = registry.get(role, name)
             if comp.width_divisor is not None:
@@ -234,7 +254,7 @@ def shape_problems(arch: Any, d_model: int, n_layers: int) -> list[str]:
     fewer than MIN_HEADS heads or heads under MIN_HEAD_DIM, or d_model / n_layers beyond
     ASPECT_BAND times the family's preferred ratio (`arch.aspect`)."""
     problems = []
-    mixers, _ = pattern_periods(arch)
+    mixers = pattern_mixers(arch)
     att = getattr(arch, "attention", None)
     if att is not None and any("attention" in str(m) for m in mixers):
         head_dim = int(att.head_dim)
@@ -249,13 +269,13 @@ def shape_problems(arch: Any, d_model: int, n_layers: int) -> list[str]:
     return problems
 
 
-def _nearest_sane(size_of: Any, target: float, width_multiple: int, divisor: int, unit: int,
+def _nearest_sane(size_of: Any, target: float, width_multiple: int, divisor: int, depths: list[int],
                   sane: Any, aspect: float) -> tuple[int, int, float] | None:
     """(width, depth, size) of the shape inside the family's range closest to the target (by
     log size), when none is within tolerance."""
     best: tuple[float, int, int, float] | None = None
     step = max(divisor, math.gcd(width_multiple, divisor) or divisor, 8)
-    for n_layers in range(unit, MAX_LAYERS + 1, unit):
+    for n_layers in depths:
         for width in range(step, MAX_WIDTH + 1, step):
             if sane(width, n_layers):
                 continue
@@ -272,12 +292,12 @@ def _nearest_sane(size_of: Any, target: float, width_multiple: int, divisor: int
     return None if best is None else best[1:]
 
 
-def _best_shape(size_of: Any, target: float, tolerance: float, step: int, unit: int,
+def _best_shape(size_of: Any, target: float, tolerance: float, step: int, depths: list[int],
                 aspect: float, sane: Any = None) -> tuple[float, int, int, float] | None:
     """(aspect score, width, depth, size) of the in-tolerance shape nearest the aspect ratio,
     among shapes without shape problems (`sane(width, depth)` lists them)."""
     best = None
-    for n_layers in range(unit, MAX_LAYERS + 1, unit):
+    for n_layers in depths:
         lo, hi = 1, MAX_WIDTH // step
         if size_of(lo * step, n_layers) > target * (1 + tolerance):
             break  # deeper models only get bigger
