@@ -151,6 +151,22 @@ def mqar_cells(rep: Report, task: str = "mqar"
     return out
 
 
+def task_lr_text(rep: Report, task: str = "mqar") -> str:
+    """How the synthetic-task runs' learning rates were set, as the records show it: chosen per
+    cell only when some backbone was trained at more than one rate."""
+    lrs: dict[str, set[Any]] = defaultdict(set)
+    for r in rep.col.evals(task, "accuracy"):
+        lrs[rep.labels.of(r)].add((r.get("train") or {}).get("lr"))
+    if any(len(v) > 1 for v in lrs.values()):
+        return "the best learning rate per (backbone, cell) among those trained"
+    rates = sorted({x for v in lrs.values() for x in v if x is not None})
+    if len(rates) == 1:
+        return f"one learning rate ({rates[0]:g}) for every backbone and cell, not tuned per cell"
+    return ("one learning rate per backbone (" + (", ".join(
+        f"{lb} {next(iter(v)):g}" for lb, v in lrs.items() if None not in v) or "as configured")
+        + "), not tuned per cell")
+
+
 def _correct_matrix(recs: list[dict[str, Any]], pairs: int) -> np.ndarray | None:
     rows = [np.asarray(r["correct"], dtype=float) / pairs for r in
             sorted(recs, key=lambda r: (r.get("train") or {}).get("seed") or 0) if r.get("correct")]
@@ -266,8 +282,8 @@ def section_findings(rep: Report) -> bool:
         "Only differences whose 95% interval excludes zero are called better or worse; the "
         "rest are within noise. Quality: paired bootstrap over the same validation windows"
         + (f" and over the seeds ({len(seeds)} per backbone)" if seeds else " and seeds")
-        + ", each backbone against the reference. Synthetic tasks: the best learning rate per "
-        "(backbone, cell), accuracy pooled over seeds with a Wilson interval, the difference "
+        + ", each backbone against the reference. Synthetic tasks: " + task_lr_text(rep)
+        + ", accuracy pooled over seeds with a Wilson interval, the difference "
         "paired per example. Speed: a ratio is claimed only when it holds from the slowest to "
         "the fastest timed repeat.", ""]
     sentences = _claim_sentences(lm, "Validation bits per byte", lower_better=True)
@@ -278,7 +294,7 @@ def section_findings(rep: Report) -> bool:
         sentences += _claim_sentences(cs, measure, lower_better=False)
     for mode, (label, ref, ratio, low, high, ctx) in speed:
         if low > 1 or high < 1:
-            word = "faster" if low > 1 else "slower"
+            word = speed_verdict(low, high)
             sentences.append(f"{mode.capitalize()} at {plots.context_tick(float(ctx))} tokens "
                              f"(batch 1): **{label}** is {word} than {ref}, {ratio:.2f}x its "
                              f"tokens/s (range over repeats {low:.2f}-{high:.2f}x).")
@@ -286,7 +302,25 @@ def section_findings(rep: Report) -> bool:
     for note in lm_notes + task_notes:
         rep.note(note)
     _interval_tables(rep, lm, task)
+    _speed_table(rep, speed)
     return True
+
+
+def speed_verdict(low: float, high: float) -> str:
+    return "faster" if low > 1 else "slower" if high < 1 else "within the spread of repeats"
+
+
+def _speed_table(rep: Report, speed: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Every speed ratio to the reference, claimed or not, with the range of its repeats."""
+    rows = [[f"**{label}**", mode, plots.context_tick(float(ctx)), ref, f"{ratio:.2f}x",
+             f"{low:.2f}-{high:.2f}x", speed_verdict(low, high)]
+            for mode, (label, ref, ratio, low, high, ctx) in speed]
+    if rows:
+        rep.lines += md_table(["backbone", "mode", "context", "reference", "tokens/s ratio",
+                               "range over repeats", "verdict"], rows)
+        rep.lines += ["Ratio of median tokens/s (batch 1, the longest context both measured); "
+                      "range: from the reference's fastest over this backbone's slowest repeat "
+                      "to its slowest over this one's fastest.", ""]
 
 
 def _interval_tables(rep: Report, lm: list[Claim], task: list[Claim]) -> None:
@@ -326,6 +360,7 @@ def unfair_settings(rep: Report) -> list[str]:
               if (r.summary.get("size_fit") or {}).get("shape_note")]
     out += sorted(set(shapes))
     out += _lr_fairness(rep, lm)
+    out += stop_rules(rep)
     load, cpus = plan(rep).get("load_average"), plan(rep).get("cpu_count")
     if load is not None and cpus and float(load) > float(cpus):
         out.append(f"the machine was shared: load average {float(load):.1f} on {cpus} cores when "
@@ -336,6 +371,40 @@ def unfair_settings(rep: Report) -> list[str]:
     if lm and all(len(s) < 2 for s in seeds.values()):
         out.append("one seed per backbone: the intervals hold the noise of the validation "
                    "windows only, not of training")
+    return out
+
+
+def _tokens_text(value: Any) -> str:
+    return f"{float(value) / 1e6:.2g}M" if float(value) >= 1e5 else f"{int(value):,}"
+
+
+def stop_rules(rep: Report) -> list[str]:
+    """Runs trained under train.stop_when: the rule, which runs met it (at how many tokens) and
+    which trained their whole budget, so a reader knows the budgets differ, and why."""
+    rules: dict[str, list[Any]] = defaultdict(list)
+    for run in rep.col.runs:
+        stop = ((run.summary.get("config") or {}).get("train") or {}).get("stop_when") or {}
+        if run.finished and stop.get("metric"):
+            bound = "at_least" if stop.get("at_least") is not None else "at_most"
+            sign = ">=" if bound == "at_least" else "<="
+            study = run.task or "language modelling"
+            rules[f"{study}: stop at the first evaluation with {stop['metric']} {sign} "
+                  f"{stop[bound]:g}"].append(run)
+    out = []
+    for rule, runs in rules.items():
+        stopped = sorted((r for r in runs if r.summary.get("stopped_early")),
+                         key=lambda r: (rep.labels.rank(r.label), str(r.seed)))
+        whole = sorted({r.label for r in runs if not r.summary.get("stopped_early")},
+                       key=rep.labels.rank)
+        parts = [f"{r.label} seed {r.seed} at {_tokens_text(r.summary['stopped_early']['tokens'])}"
+                 f" of {_tokens_text(r.summary['stopped_early']['budget_tokens'])} tokens "
+                 f"({r.summary['stopped_early']['value']:.3g})" for r in stopped]
+        out.append(f"training stopped once solved ({rule} on held-out data; train.stop_when): "
+                   + (f"stopped: {', '.join(parts)}" if parts else "no run met it")
+                   + (f"; the whole budget: {', '.join(whole)}" if whole else "")
+                   + ". A run that never met the rule trained its whole budget, so which "
+                   "backbones solve the task within that budget is as the full budget shows; "
+                   "the tested accuracies of a stopped run are those at its stop")
     return out
 
 

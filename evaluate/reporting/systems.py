@@ -1,13 +1,15 @@
 """Report sections on cost and origin: the at-a-glance summary, efficiency (throughput, memory,
 max context, peers) and provenance (commands, code, devices, kernel paths, everything flagged).
 
-Bench records are documented in evaluate/bench/runner.py; every number here is a median of timed
-repeats taken by that runner, never recomputed.
+Bench records are documented in evaluate/bench/runner.py; every speed here is a median of timed
+repeats taken by that runner, shown with the range of those repeats (the runner keeps their
+median, quartiles and extremes, not their mean): a table must say how much a number moved.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +49,9 @@ def section_summary(rep: Report) -> bool:
                        ("decode", "decode tok/s ↑")):
         ctx, at = _at_longest(rep, col.bench(mode, ok_only=False), "tokens_per_s")
         if at:
-            columns.append((f"{head} @{context(ctx)}", {lb: human(v) for lb, v in at.items()}))
+            ranges = speed_ranges(rep, [r for r in col.bench(mode) if r.get("context") == ctx])
+            columns.append((f"{head} @{context(ctx)}", {
+                lb: speed_text(ranges[lb]) if lb in ranges else human(v) for lb, v in at.items()}))
     ctx, state = _at_longest(rep, _state_records(rep, ok_only=False), "state_bytes_measured")
     if state:
         columns.append((f"cache/state bytes @{context(ctx)} ↓",
@@ -55,18 +59,22 @@ def section_summary(rep: Report) -> bool:
     for name, head in (("passkey", "passkey (mean) ↑"), ("mqar", "MQAR (mean) ↑")):
         recs = [r for r in col.evals(name) if r.get("primary")]
         if recs:
-            vals: dict[str, list[float]] = defaultdict(list)
-            for r in recs:
-                vals[rep.labels.of(r)].append(r["value"])
-            columns.append((head, {lb: f"{np.mean(v):.2f}" for lb, v in vals.items()}))
+            vals: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for r in recs:  # each seed's mean over the tested settings, then mean ± sd
+                vals[rep.labels.of(r)][(r.get("train") or {}).get("seed")].append(r["value"])
+            columns.append((head, {lb: mean_spread([np.mean(v) for v in by_seed.values()], 2,
+                                                   fmt=lambda x: f"{x:.2f}")
+                                   for lb, by_seed in vals.items()}))
     if not columns:
         return False
     rep.lines += ["## Summary", ""]
     rows = [[f"**{lb}**", *(cells.get(lb, "–") for _, cells in columns)] for lb in labels]
     rep.lines += md_table(["backbone", *(head for head, _ in columns)], rows)
     rep.lines += ["Throughput and state at the longest context of the benchmark, smallest batch; "
-                  "– where a backbone has no result there (see Flagged). Details and settings "
-                  "below. ↑ higher is better, ↓ lower.", ""]
+                  "– where a backbone has no result there (see Flagged). Bits per byte and task "
+                  "accuracy: mean ± standard deviation over seeds; tokens/s: median of the timed "
+                  "repeats [slowest–fastest repeat]. Details and settings below. ↑ higher is "
+                  "better, ↓ lower.", ""]
     return True
 
 
@@ -153,9 +161,12 @@ def _throughput(rep: Report) -> None:
     rows = []
     contexts: set[float] = set()
     tables: list[tuple[str, str, Any, dict[float, float]]] = []
+    ranges: dict[tuple[str, str], dict[float, SpeedRange]] = {}
     for ax, mode in zip(axes, modes, strict=True):
         recs, batch = _one_batch(rep.col.bench(mode))
         series = _series(rep, recs, "tokens_per_s")
+        for label, by_ctx in speed_ranges_by_context(rep, recs).items():
+            ranges[(label, mode)] = by_ctx
         what = {"train": "fwd + bwd + AdamW step", "prefill": "the whole prompt",
                 "decode": "new tokens after the prompt"}[mode]
         _draw(ax, rep, series, f"{mode} tokens/s", f"{mode}: {what}, batch {batch}")
@@ -166,9 +177,76 @@ def _throughput(rep: Report) -> None:
     ctx = sorted(contexts)
     for label, mode, batch, pts in sorted(tables, key=lambda t: (modes.index(t[1]),
                                                                  rep.labels.rank(t[0]))):
-        rows.append([f"**{label}**", mode, batch, *(human(pts.get(c)) for c in ctx)])
+        own = ranges.get((label, mode), {})
+        rows.append([f"**{label}**", mode, batch,
+                     *(speed_text(own[c]) if c in own else human(pts.get(c)) for c in ctx)])
     rep.lines += md_table(["backbone", "mode", "batch", *(f"tok/s @{context(c)}" for c in ctx)],
                           rows)
+    counts = sorted({r.n for by_ctx in ranges.values() for r in by_ctx.values()})
+    repeats = "" if not counts else f"; {counts[0]}" + (
+        f"-{counts[-1]}" if counts[-1] != counts[0] else "") + " timed repeats per cell"
+    rep.lines += [f"Median tokens/s of the timed repeats [slowest–fastest repeat]{repeats}.", ""]
+
+
+@dataclass(frozen=True)
+class SpeedRange:
+    """A speed with the range of its timed repeats: tokens/s at the median, slowest and fastest
+    repeat (the runner's median time and its extremes turned into rates)."""
+
+    median: float
+    slowest: float
+    fastest: float
+    n: int
+
+
+def _range_of(recs: list[dict[str, Any]]) -> SpeedRange | None:
+    """One cell's speed; several records of a cell (repeated benchmarks) pool their extremes."""
+    meds, lows, highs, n = [], [], [], 0
+    for r in recs:
+        tps, med = r.get("tokens_per_s"), r.get("median_s")
+        spread = r.get("spread") or {}
+        if tps is None or not med:
+            continue
+        work = float(tps) * float(med)  # tokens per timed unit
+        meds.append(float(tps))
+        lows.append(work / float(spread.get("max") or med))
+        highs.append(work / float(spread.get("min") or med))
+        n += int(spread.get("n") or 1)
+    if not meds:
+        return None
+    return SpeedRange(float(np.median(meds)), min(lows), max(highs), n)
+
+
+def speed_ranges_by_context(rep: Report, recs: list[dict[str, Any]]
+                            ) -> dict[str, dict[float, SpeedRange]]:
+    """label -> context -> speed with the range of its repeats."""
+    cells: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        if r.get("context") is not None:
+            cells[rep.labels.of(r)][float(r["context"])].append(r)
+    out: dict[str, dict[float, SpeedRange]] = {}
+    for label, by_ctx in cells.items():
+        ranges = {c: rng for c, rs in by_ctx.items() if (rng := _range_of(rs)) is not None}
+        if ranges:
+            out[label] = ranges
+    return out
+
+
+def speed_ranges(rep: Report, recs: list[dict[str, Any]]) -> dict[str, SpeedRange]:
+    """label -> speed with the range of its repeats, over records of one cell per label (the
+    smallest batch)."""
+    recs, _ = _one_batch(recs)
+    out: dict[str, SpeedRange] = {}
+    for label, by_ctx in speed_ranges_by_context(rep, recs).items():
+        out[label] = by_ctx[max(by_ctx)]
+    return out
+
+
+def speed_text(r: SpeedRange) -> str:
+    """'6.27K [5.9K–6.41K]': median tokens/s [slowest–fastest repeat]."""
+    if r.n <= 1 or r.slowest == r.fastest:
+        return human(r.median)
+    return f"{human(r.median)} [{human(r.slowest)}–{human(r.fastest)}]"
 
 
 def _state_records(rep: Report, ok_only: bool = True) -> list[dict[str, Any]]:
