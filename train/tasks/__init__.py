@@ -45,11 +45,12 @@ from archbench.train.tasks.mad import (
 )
 from archbench.train.tasks.mqar import MQAR
 from archbench.train.tasks.passkey import Passkey
+from archbench.train.tasks.recall import AssociativeRecall
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (MQAR, InContextRecall, NoisyRecall, FuzzyRecall, SelectiveCopying, Compression,
-                Memorization, InductionHeads, Passkey)
+                Memorization, InductionHeads, Passkey, AssociativeRecall)
 }
 SUITES = ("mad",)
 
