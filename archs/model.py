@@ -272,7 +272,9 @@ class LanguageModel(nn.Module):
     def compile_decoding(self, mode: str | None = None) -> None:
         """Compile `decode_body` with static shapes: one graph per (batch, cache length, dtype),
         reused at every position. `mode` None picks "reduce-overhead" (CUDA graphs) on CUDA and
-        inductor's default elsewhere."""
+        inductor's default elsewhere. Decode under `torch.no_grad()`, with the cache made there:
+        under `torch.inference_mode()` AOTAutograd builds a graph that copies every cache buffer
+        whole at each step instead of writing the new row in place."""
         if not self.static_decode:
             missing = sorted({type(s).__name__ for s in self.sublayers()
                               if not s.has_static_decode()})

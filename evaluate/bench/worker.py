@@ -21,6 +21,7 @@ alone ("peer") or in alternation with ours in one process ("pair", bench.peer_in
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import multiprocessing as mp
 import statistics
@@ -39,6 +40,7 @@ from archbench.evaluate.bench.compiled import (
     compile_decoder,
     compile_fields,
     forward_of,
+    inference_context,
     profile_step,
     train_graph_breaks,
     wants_compile,
@@ -211,8 +213,8 @@ def _ours_decode_unit(model: Any, task: dict[str, Any], device: torch.device,
 
 def ours_prefill(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
-    setup, step, held = _ours_prefill_unit(model, task, device)
-    with torch.inference_mode():
+    with inference_context(task):
+        setup, step, held = _ours_prefill_unit(model, task, device)
         timing = _time(task, device, step, setup=setup)
         profiled = profile_step(task, step, setup)
     flops = step_flops(model, "prefill", batch, context)
@@ -229,7 +231,7 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
     batch, context, dtype = task["batch"], task["context"], DTYPES[task["dtype"]]
     new = int(bench.decode_tokens)
     out: dict[str, Any] = {"new_tokens": new}
-    with torch.inference_mode():
+    with inference_context(task):
         setup, eager_step, cache, positions, steps = _ours_decode_unit(model, task, device, out)
         timing = _time(task, device, eager_step, setup=setup)
         eager = timing
@@ -337,6 +339,15 @@ def peer_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device) -
     return out
 
 
+def _under(make_context: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run inside a fresh `make_context()` (the no-autograd mode its tensors were made in)."""
+    def run() -> Any:
+        with make_context():
+            return fn()
+
+    return run
+
+
 def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
                ) -> dict[str, Any]:
     """Ours and the peer in one process, timed call by call in alternation (ABBA order), so
@@ -355,14 +366,18 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
         peer_step = _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device)
         mine, theirs = time_pair(ours_step, peer_step, device, **kwargs)
     else:
-        with torch.inference_mode():
+        with inference_context(task):
             if mode == "prefill":
                 ours_setup, ours_step, _ = _ours_prefill_unit(ours, task, device)
             else:
                 ours_setup, ours_step, *_ = _ours_decode_unit(ours, task, device)
+        with torch.inference_mode():
             peer_setup, peer_step = _peer_unit(peer, task, device)
-            mine, theirs = time_pair(ours_step, peer_step, device, setup_a=ours_setup,
-                                     setup_b=peer_setup, **kwargs)
+        ours_mode = functools.partial(inference_context, task)
+        mine, theirs = time_pair(
+            _under(ours_mode, ours_step), _under(torch.inference_mode, peer_step), device,
+            setup_a=_under(ours_mode, ours_setup),
+            setup_b=_under(torch.inference_mode, peer_setup) if peer_setup else None, **kwargs)
     ratios = sorted(tp / to for to, tp in zip(mine.times, theirs.times, strict=True))
     q1, _, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
                  else (ratios[0],) * 3)
