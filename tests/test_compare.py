@@ -147,3 +147,46 @@ def test_bad_tuning_settings_fail_before_any_work() -> None:
 def test_unknown_preset_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown preset 'tpu'"):
         main(["+preset=tpu"])
+
+
+def test_a_study_stopped_once_solved_is_reported_and_not_retrained(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MQAR study as the demo's, with its train.stop_when rule in the study's overrides (met
+    early here: at_least=0.0001 on a 36-symbol task): the run stops before its budget, the report
+    names it at the top with the tokens it trained, and a second `archbench compare` skips it as
+    finished."""
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare.backbones=[transformer]", "compare.studies.mqar.backbones=[transformer]",
+            "~compare.studies.lm", "compare.tune.studies=[]", "compare.bench=false",
+            "compare.seeds=[0]", "compare.parallel=1",
+            "compare.studies.mqar.train=[" + ",".join(f"'{o}'" for o in (
+                "data.source=task", "data.task.name=mqar",
+                "++data.task.params={vocab_size:36,seq_len:64,num_kv_pairs:4}",
+                "data.task.n_train=256", "data.task.n_val=32", "train.seq_len=64",
+                "train.stop_when.metric=val_accuracy", "train.stop_when.at_least=0.0001")) + "]",
+            "arch.d_model=32", "arch.n_layers=2", "arch.attention.head_dim=16",
+            "train.batch_size=8", "train.tokens=16384", "train.lr=1e-2", "train.warmup_steps=1",
+            "train.eval_every=4", "train.eval_batches=1", "eval.n_examples=16",
+            f"compare.sweep_dir={tmp_path / 'sweep'}", f"compare.out={tmp_path / 'report'}"]
+    main(argv)
+    capsys.readouterr()
+    assert {(r["stage"], r["status"], r["returncode"]) for r in _stages(tmp_path)} == {
+        ("train", "ok", 0), ("eval", "ok", 0)}
+    run = tmp_path / "sweep" / "mqar" / "transformer"  # one seed: no seed sweep in the name
+    summary = json.loads((run / "summary.json").read_text())
+    stop = summary["stopped_early"]
+    assert summary["status"] == "finished" and stop is not None
+    assert summary["config"]["train"]["stop_when"]["metric"] == "val_accuracy"  # the study's
+    assert summary["tokens_seen"] == stop["tokens"] < stop["budget_tokens"] == 16384
+    text = (tmp_path / "report" / "report.md").read_text()
+    head = text.split("## What this comparison shows")[0]
+    assert "training stopped once solved (mqar: stop at the first evaluation with " \
+           "val_accuracy >= 0.0001" in head
+    assert f"transformer seed 0 at {stop['tokens']:,} of 16,384 tokens" in head
+    before = _state(tmp_path)
+    main(argv)
+    assert f"skipping {run}: already finished" in capsys.readouterr().out
+    assert _state(tmp_path) == before
