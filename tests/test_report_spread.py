@@ -67,7 +67,7 @@ def test_tables_carry_spreads_and_the_stop_rule_leads(tmp_path: Path) -> None:
 
     head = text.split("## What this comparison shows")[0]
     assert "stop at the first evaluation with val_accuracy >= 0.99" in head
-    assert "stopped: rwkv7 seed 0 at 300 of 1,000 tokens (0.995)" in head
+    assert "stopped: rwkv7 seed 0 at 300 of 1,000 tokens (at 0.995)" in head
     assert "the whole budget: mamba" in head
 
     summary = text.split("## Summary")[1].split("\n## ")[0]

@@ -398,7 +398,7 @@ def stop_rules(rep: Report) -> list[str]:
                        key=rep.labels.rank)
         parts = [f"{r.label} seed {r.seed} at {_tokens_text(r.summary['stopped_early']['tokens'])}"
                  f" of {_tokens_text(r.summary['stopped_early']['budget_tokens'])} tokens "
-                 f"({r.summary['stopped_early']['value']:.3g})" for r in stopped]
+                 f"(at {r.summary['stopped_early']['value']:.3f})" for r in stopped]
         out.append(f"training stopped once solved ({rule} on held-out data; train.stop_when): "
                    + (f"stopped: {', '.join(parts)}" if parts else "no run met it")
                    + (f"; the whole budget: {', '.join(whole)}" if whole else "")
