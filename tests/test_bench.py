@@ -430,3 +430,14 @@ def test_by_mode_grids_and_peer_max_context(tmp_path: Path) -> None:
     bad = bench_config(tmp_path, "transformer", "bench.by_mode.train.contexts=[0]")
     with pytest.raises(ConfigError, match="bench.by_mode.train.contexts"):
         runner.run_bench(bad)
+
+
+def test_compiled_measurements_run_under_no_grad_and_eager_ones_under_inference_mode() -> None:
+    """A compiled step under inference_mode gets AOTAutograd's copy-every-buffer graph (see
+    evaluate/bench/compiled.inference_context); eager steps keep inference_mode's lower cost."""
+    from archbench.evaluate.bench.compiled import inference_context
+
+    with inference_context({"compile": True}):
+        assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    with inference_context({"compile": False}):
+        assert torch.is_inference_mode_enabled()
