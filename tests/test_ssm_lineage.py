@@ -145,6 +145,7 @@ def test_h3_state_shapes_follow_the_heads() -> None:
     ("s4d", {"d_state": 7}, "arch.s4d.d_state=7"),
     ("s4d", {"init": "legs"}, "arch.s4d.init='legs'"),
     ("h3", {"head_dim": 5}, "arch.h3.head_dim=5"),
+    ("h3", {"qkv_init_std": 0.0}, "arch.h3.qkv_init_std=0.0"),
     ("hyena", {"pos_features": 4}, "arch.hyena.pos_features=4"),
 ])
 def test_bad_settings_name_the_field(kind: str, cfg: dict[str, Any], field: str) -> None:
@@ -301,3 +302,14 @@ def test_vandermonde_blocks_give_the_direct_convolution_and_states_in_fp64() -> 
                                rtol=0)
     torch.testing.assert_close(y_blocked, y_whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(h_blocked, h_whole, atol=1e-12, rtol=0)
+
+
+def test_h3_qkv_init_std_sets_the_projections_only() -> None:
+    torch.manual_seed(0)
+    default = H3(_arch(h3=H3Config(d_state=6)), 0)
+    wide = H3(SimpleNamespace(d_model=256, n_layers=2, init_std=0.02, scaled_residual_init=True,
+                              h3=H3Config(d_state=6, qkv_init_std=0.1)), 0)
+    assert default.q_proj.weight.std().item() < 0.03
+    for proj in (wide.q_proj, wide.k_proj, wide.v_proj):
+        assert abs(proj.weight.std().item() - 0.1) < 0.005
+    assert wide.output_linear.weight.std().item() < 0.03
