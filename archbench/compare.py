@@ -233,6 +233,16 @@ def eval_done(run_dir: Path, tasks: list[str]) -> list[str]:
     return [t for t in tasks if t not in have]
 
 
+def failed_tasks(run_dir: Path, tasks: list[str]) -> list[str]:
+    """Tasks of `tasks` with a record of a failed evaluation in the run's records.jsonl."""
+    try:
+        failed = {str(r.get("eval")) for r in read_jsonl(run_dir / "records.jsonl")
+                  if r.get("kind") == "eval" and r.get("status") == "failed"}
+    except (OSError, ValueError):
+        return []
+    return [t for t in tasks if t in failed]
+
+
 # ---- the comparison -------------------------------------------------------------------------
 
 class Comparison:
@@ -497,9 +507,13 @@ class Comparison:
                 code, secs = self.stage(cmd, log, parallel=True)
                 for b, run_dir in targets:
                     left = eval_done(run_dir, list(tasks))
+                    # a grid that failed part-way leaves records of its other cells: the task
+                    # counts as done (no duplicates on a re-run), the stage as failed
+                    broken = failed_tasks(run_dir, list(tasks)) if code else []
                     self.stages.add("eval", f"{study}: {b} {'+'.join(tasks)}",
-                                    self.outcome(not left), returncode=code,
-                                    seconds=secs / len(targets), log=str(log), missing=left)
+                                    self.outcome(not left and not broken), returncode=code,
+                                    seconds=secs / len(targets), log=str(log), missing=left,
+                                    failed=broken)
 
     # ---- bench ----------------------------------------------------------------------------
     def bench(self, backbones: list[str]) -> None:

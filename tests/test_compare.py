@@ -159,18 +159,7 @@ def test_a_study_stopped_once_solved_is_reported_and_not_retrained(
     monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
-    argv = ["compare.backbones=[transformer]", "compare.studies.mqar.backbones=[transformer]",
-            "~compare.studies.lm", "compare.tune.studies=[]", "compare.bench=false",
-            "compare.seeds=[0]", "compare.parallel=1",
-            "compare.studies.mqar.train=[" + ",".join(f"'{o}'" for o in (
-                "data.source=task", "data.task.name=mqar",
-                "++data.task.params={vocab_size:36,seq_len:64,num_kv_pairs:4}",
-                "data.task.n_train=256", "data.task.n_val=32", "train.seq_len=64",
-                "train.stop_when.metric=val_accuracy", "train.stop_when.at_least=0.0001")) + "]",
-            "arch.d_model=32", "arch.n_layers=2", "arch.attention.head_dim=16",
-            "train.batch_size=8", "train.tokens=16384", "train.lr=1e-2", "train.warmup_steps=1",
-            "train.eval_every=4", "train.eval_batches=1", "eval.n_examples=16",
-            f"compare.sweep_dir={tmp_path / 'sweep'}", f"compare.out={tmp_path / 'report'}"]
+    argv = _mqar_argv(tmp_path, vocab_size=36)
     main(argv)
     capsys.readouterr()
     assert {(r["stage"], r["status"], r["returncode"]) for r in _stages(tmp_path)} == {
@@ -190,3 +179,37 @@ def test_a_study_stopped_once_solved_is_reported_and_not_retrained(
     main(argv)
     assert f"skipping {run}: already finished" in capsys.readouterr().out
     assert _state(tmp_path) == before
+
+
+def _mqar_argv(tmp: Path, vocab_size: int) -> list[str]:
+    """A one-backbone MQAR study as the demo's, tiny, whose train.stop_when rule is met early
+    (at_least=0.0001: any answer right)."""
+    return ["compare.backbones=[transformer]", "compare.studies.mqar.backbones=[transformer]",
+            "~compare.studies.lm", "compare.tune.studies=[]", "compare.bench=false",
+            "compare.seeds=[0]", "compare.parallel=1",
+            "compare.studies.mqar.train=[" + ",".join(f"'{o}'" for o in (
+                "data.source=task", "data.task.name=mqar",
+                f"++data.task.params={{vocab_size:{vocab_size},seq_len:64,num_kv_pairs:4}}",
+                "data.task.n_train=256", "data.task.n_val=32", "train.seq_len=64",
+                "train.stop_when.metric=val_accuracy", "train.stop_when.at_least=0.0001")) + "]",
+            "arch.d_model=32", "arch.n_layers=2", "arch.attention.head_dim=16",
+            "train.batch_size=8", "train.tokens=16384", "train.lr=1e-2", "train.warmup_steps=1",
+            "train.eval_every=4", "train.eval_batches=1", "eval.n_examples=16",
+            f"compare.sweep_dir={tmp / 'sweep'}", f"compare.out={tmp / 'report'}"]
+
+
+def test_an_evaluation_grid_that_fails_part_way_is_a_failed_stage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 symbols hold 7 keys: the demo's grid of 4, 8 and 16 pairs fails at 8 after writing
+    the 4-pair records; the stage says failed (not ok) and the report flags the evaluation."""
+    monkeypatch.setenv("ARCHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    main(_mqar_argv(tmp_path, vocab_size=16))
+    capsys.readouterr()
+    stage = next(r for r in _stages(tmp_path) if r["stage"] == "eval")
+    assert stage["status"] == "failed" and stage["failed"] == ["mqar"]
+    assert stage["returncode"] != 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "compare stage eval mqar: transformer mqar: **failed**" in text
