@@ -94,6 +94,23 @@ def test_mqar_rule() -> None:
     assert mqar_width([], [], MQAR_PARAMS).verdict == NOT_RUN
 
 
+def test_mqar_rule_recurrent_backbones_against_the_gated_convolutions() -> None:
+    """Mamba and RWKV must not fall below the best gated convolution at the smallest width;
+    matching attention there (RWKV-7) is allowed, and their larger width is not judged."""
+    base = {"transformer": (0.95, 1.0), "hyena": (0.26, 0.85), "mamba": (0.27, 0.42),
+            "rwkv7": (1.0, 1.0)}
+    params = {**MQAR_PARAMS, "gated": ["hyena"]}
+    out = mqar_width(_mqar(base), [], params)
+    assert out.verdict == REPRODUCED, out.why
+    weak_mamba = {**base, "mamba": (0.1, 0.9)}  # below hyena at width 64, beyond the noise
+    out = mqar_width(_mqar(weak_mamba), [], params)
+    assert out.verdict == NOT_REPRODUCED
+    assert "mamba not below the gated convolutions at width 64" in out.why
+    no_rwkv = {k: v for k, v in base.items() if k != "rwkv7"}
+    out = mqar_width(_mqar(no_rwkv), [], params)
+    assert out.verdict == NOT_REPRODUCED and "rwkv7 not below" in out.why
+
+
 def test_task_pair_rule_uses_intervals() -> None:
     params = {"solver": "h3", "other": "s4d", "tasks": ["induction", "mqar"], "solve": 0.9}
     recs = [_acc(t, "h3", 0.98, lr=3e-3) for t in ("induction", "mqar")]
@@ -210,7 +227,7 @@ def test_validate_runs_and_resumes_tiny_reproductions(
     assert (tmp_path / "out" / "decoding_memory.png").is_file()
     synth = rows["h3_synthetics"]
     assert synth["verdict"] in (REPRODUCED, NOT_REPRODUCED)
-    assert "induction: h3 0." in synth["ours"] and "mqar: h3 " in synth["ours"]
+    assert "induction: h3 0." in synth["ours"] and "assoc_recall: h3 " in synth["ours"]
     assert rows["mqar_width"]["verdict"] == NOT_RUN
     assert "validate.only" in rows["mqar_width"]["why"]
     main(argv)  # again: everything is done, nothing is run a second time
