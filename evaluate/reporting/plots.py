@@ -191,14 +191,18 @@ def band_line(ax: plt.Axes, styles: Styles, label: str, x: Sequence[float],
 
 
 def points_line(ax: plt.Axes, styles: Styles, label: str, x: Sequence[float],
-                y: Sequence[float], yerr: Sequence[float] | None = None) -> None:
-    """A measured series (sorted by x) with markers, and error bars where known."""
+                y: Sequence[float],
+                yerr: Sequence[float | tuple[float, float] | None] | None = None) -> None:
+    """A measured series (sorted by x) with markers, and error bars where known: a number is a
+    symmetric half-width, a pair (below, above) an asymmetric interval such as Wilson's."""
     order = np.argsort(np.asarray(x, dtype=float))
     xs = np.asarray(x, dtype=float)[order]
     ys = np.asarray(y, dtype=float)[order]
     style = styles(label)
     if yerr is not None and any(e is not None for e in yerr):
-        err = np.asarray([np.nan if e is None else e for e in yerr], dtype=float)[order]
+        pairs = [(np.nan, np.nan) if e is None else (e if isinstance(e, tuple) else (e, e))
+                 for e in yerr]
+        err = np.asarray(pairs, dtype=float)[order].T
         ax.errorbar(xs, ys, yerr=err, color=style["color"], linestyle=style["linestyle"],
                     marker=style["marker"], markersize=4, capsize=2, label=label)
     else:

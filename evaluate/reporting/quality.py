@@ -21,6 +21,7 @@ from archbench.evaluate.reporting.data import (
     mean_spread,
     params_key,
 )
+from archbench.evaluate.stats import wilson
 
 TEXT_EVALS = ("bpb", "extrapolation")
 PLOTTED_TASKS = ("mqar", "passkey", "induction")
@@ -259,15 +260,30 @@ def _task_training(rep: Report, runs: list[Run]) -> None:
                            "tokens", "val accuracy", "val loss (nats/answer)"], rows)
 
 
-def _best(recs: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]
-          ) -> dict[Any, dict[str, Any]]:
-    """Best value per key: Zoology's "best learning rate per cell" over a sweep."""
-    best: dict[Any, dict[str, Any]] = {}
+def _pooled_best(recs: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]
+                 ) -> dict[Any, dict[str, Any]]:
+    """Per cell, Zoology's best learning rate: the seeds of one rate are pooled (answers right
+    over answers scored, with a Wilson interval) and the best pooled rate is kept. Taking the
+    best single run instead would report the luckiest seed, not the best setting."""
+    pooled: dict[tuple[Any, Any], list[int]] = defaultdict(lambda: [0, 0, 0])
     for r in recs:
-        k = key(r)
-        if k not in best or r["value"] > best[k]["value"]:
-            best[k] = r
+        n = int(r.get("n") or 0)
+        if n <= 0:
+            continue
+        acc = pooled[(key(r), (r.get("train") or {}).get("lr"))]
+        acc[0] += round(float(r["value"]) * n)
+        acc[1] += n
+        acc[2] += 1
+    best: dict[Any, dict[str, Any]] = {}
+    for (cell, lr), (right, n, runs) in pooled.items():
+        iv = wilson(right, n)
+        if cell not in best or iv.estimate > best[cell]["value"]:
+            best[cell] = {"value": iv.estimate, "interval": iv, "n": n, "lr": lr, "runs": runs}
     return best
+
+
+def _wilson_bars(rows: list[tuple[Any, dict[str, Any]]]) -> list[tuple[float, float]]:
+    return [(r["value"] - r["interval"].low, r["interval"].high - r["value"]) for _, r in rows]
 
 
 def _mqar(rep: Report) -> None:
@@ -279,52 +295,64 @@ def _mqar(rep: Report) -> None:
     def width(r: dict[str, Any]) -> Any:
         return (r.get("train") or {}).get("d_model")
 
-    best = _best(recs, lambda r: (rep.labels.of(r), r["params"].get("seq_len"),
-                                  r["params"].get("num_kv_pairs"), width(r)))
+    best = _pooled_best(recs, lambda r: (rep.labels.of(r), r["params"].get("seq_len"),
+                                         r["params"].get("num_kv_pairs"), width(r)))
     cells = sorted({(k[1], k[2]) for k in best}, key=lambda c: (c[0] or 0, c[1] or 0))[:6]
     fig, axes = plots.new_figure(ncols=len(cells), width=4.2)
     for ax, (seq_len, pairs) in zip(axes, cells, strict=True):
-        series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        series: dict[str, list[tuple[Any, dict[str, Any]]]] = defaultdict(list)
         for (label, sl, kv, d), r in best.items():
             if (sl, kv) == (seq_len, pairs) and d is not None:
-                series[label].append((d, r["value"]))
+                series[label].append((d, r))
         for label in rep.labels.ordered(series):
-            pts = sorted(series[label])
-            plots.points_line(ax, rep.styles, label, [p[0] for p in pts], [p[1] for p in pts])
+            pts = sorted(series[label], key=lambda p: p[0])
+            plots.points_line(ax, rep.styles, label, [p[0] for p in pts],
+                              [p[1]["value"] for p in pts], _wilson_bars(pts))
         ax.set_ylim(-0.03, 1.03)
         plots.label_axes(ax, "model width d_model", f"MQAR {metric}",
                          f"seq_len {seq_len}, {pairs} pairs",
                          xs=[w for v in series.values() for w, _ in v])
         plots.legend(ax)
-    rep.figure(fig, "mqar_vs_width.png", "MQAR against model width (best run per cell)")
-
-    by_pairs = _best(recs, lambda r: (rep.labels.of(r), r["params"].get("num_kv_pairs")))
-    fig, axes = plots.new_figure()
-    series2: dict[str, list[tuple[float, float, Any]]] = defaultdict(list)
-    for (label, pairs), r in by_pairs.items():
-        series2[label].append((pairs, r["value"], r.get("stderr")))
-    for label in rep.labels.ordered(series2):
-        pts = sorted(series2[label])
-        plots.points_line(axes[0], rep.styles, label, [p[0] for p in pts], [p[1] for p in pts],
-                          [p[2] for p in pts])
-    axes[0].set_ylim(-0.03, 1.03)
-    plots.label_axes(axes[0], "key-value pairs per sequence", f"MQAR {metric}",
-                     "MQAR against number of pairs (best over widths and runs; bars: stderr)",
-                     logx=False)
-    plots.context_axis(axes[0], [p for v in series2.values() for p, _, _ in v])
-    plots.legend(axes[0])
-    rep.figure(fig, "mqar_vs_pairs.png")
+    rep.figure(fig, "mqar_vs_width.png",
+               "MQAR against model width (best learning rate per cell, seeds pooled; bars: "
+               "Wilson 95%)")
+    _mqar_vs_pairs(rep, metric, recs)
     pairs_all = sorted({k[2] for k in best})
     table: dict[tuple[str, Any, Any], dict[Any, dict[str, Any]]] = defaultdict(dict)
     for (label, sl, kv, d), r in best.items():
         table[(label, d, sl)][kv] = r
-    rows = [[f"**{label}**", d, sl, *(f"{cells[kv]['value']:.3f} (n={cells[kv].get('n', '?')})"
+    rows = [[f"**{label}**", d, sl, *(f"{cells[kv]['interval'].text()} (n={cells[kv]['n']})"
                                       if kv in cells else "–" for kv in pairs_all)]
             for (label, d, sl), cells in sorted(table.items(), key=lambda t: (
                 rep.labels.rank(t[0][0]), str(t[0][1:])))]
     rep.lines += md_table(["backbone", "d_model", "seq_len",
                            *(f"{metric} @{kv} pairs" for kv in pairs_all)], rows)
-    rep.lines += ["n: answer positions scored.", ""]
+    rep.lines += ["Best learning rate per cell; its seeds pooled. n: answer positions scored "
+                  "(all seeds); [low, high]: Wilson 95% interval.", ""]
+
+
+def _mqar_vs_pairs(rep: Report, metric: str, recs: list[dict[str, Any]]) -> None:
+    by_pairs = _pooled_best(recs, lambda r: (rep.labels.of(r), r["params"].get("num_kv_pairs"),
+                                             (r.get("train") or {}).get("d_model")))
+    widest: dict[tuple[str, Any], dict[str, Any]] = {}
+    for (label, pairs, _), r in by_pairs.items():
+        if (label, pairs) not in widest or r["value"] > widest[(label, pairs)]["value"]:
+            widest[(label, pairs)] = r
+    fig, axes = plots.new_figure()
+    series: dict[str, list[tuple[Any, dict[str, Any]]]] = defaultdict(list)
+    for (label, pairs), r in widest.items():
+        series[label].append((pairs, r))
+    for label in rep.labels.ordered(series):
+        pts = sorted(series[label], key=lambda p: p[0])
+        plots.points_line(axes[0], rep.styles, label, [p[0] for p in pts],
+                          [p[1]["value"] for p in pts], _wilson_bars(pts))
+    axes[0].set_ylim(-0.03, 1.03)
+    plots.label_axes(axes[0], "key-value pairs per sequence", f"MQAR {metric}",
+                     "MQAR against number of pairs (best width and rate; bars: Wilson 95%)",
+                     logx=False)
+    plots.context_axis(axes[0], [p for v in series.values() for p, _ in v])
+    plots.legend(axes[0])
+    rep.figure(fig, "mqar_vs_pairs.png")
 
 
 def _passkey(rep: Report) -> None:
