@@ -181,7 +181,8 @@ class H3(Sublayer):
         q, k, v = (p(x).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         k = self._shift(k, st)
         kv = self._heads(k, 1) * self._heads(v, 2)  # (B, d_head, d_head, H, L)
-        h0 = torch.view_as_complex(st.h) if st is not None else None
+        # a fresh state is zero: its free evolution through the chunk need not be computed
+        h0 = torch.view_as_complex(st.h) if st is not None and st.length else None
         s, h = self.ssm(kv, h0, return_state=st is not None)
         s = s + self.D.unsqueeze(-1) * kv
         y = (s * self._heads(q, 1)).sum(1)  # (B, d_head, H, L)

@@ -313,3 +313,14 @@ def test_h3_qkv_init_std_sets_the_projections_only() -> None:
     for proj in (wide.q_proj, wide.k_proj, wide.v_proj):
         assert abs(proj.weight.std().item() - 0.1) < 0.005
     assert wide.output_linear.weight.std().item() < 0.03
+
+
+def test_doubling_table_equals_the_direct_powers() -> None:
+    torch.manual_seed(6)
+    ssm = DiagonalSSM(3, 8, "inv", 1e-3, 1e-1).to(F64)
+    dt_A = ssm.discrete()[0]
+    for length in (1, 5, 8, 300, 600):  # powers of two, between, and beyond one block (512)
+        re, im = ssm.table(dt_A, length)
+        ref_re, ref_im = ssm.powers(dt_A, 0, min(length, ssm.chunk))
+        torch.testing.assert_close(re, ref_re, atol=1e-12, rtol=0)
+        torch.testing.assert_close(im, ref_im, atol=1e-12, rtol=0)
