@@ -46,6 +46,31 @@ def test_every_reproduction_composes_with_its_claim_and_rule(group: str) -> None
         assert cfg.compare.sweep_dir.endswith(name)
 
 
+def test_scaling_sizes_each_have_their_own_learning_rate() -> None:
+    """One fixed rate favours one size (the fit then fails for the optimizer's reason, not the
+    model's): the CPU study trains each width at its own rate, lower for wider models; the GPU
+    preset sizes its models by parameter target, not the CPU's fixed width."""
+    studies = compose("scaling", [], "validate").compare.studies
+    rate = {}
+    for spec in studies.values():
+        found = dict(o.split("=", 1) for o in spec.train)
+        rate[int(found["arch.d_model"])] = float(found["train.lr"])
+    assert len(rate) >= 3 and sorted(rate.values(), reverse=True) == [rate[w] for w in sorted(rate)]
+    gpu = compose("scaling", [], "validate/gpu")
+    assert gpu.arch.d_model == 0 and gpu.arch.n_layers == 0
+    assert all(any(o.startswith("size.target=") for o in s.train)
+               for s in gpu.compare.studies.values())
+
+
+def test_mqar_cpu_grid_gives_each_backbone_one_tuned_rate() -> None:
+    cfg = compose("mqar_width", [], "validate")
+    assert set(cfg.compare.arch_overrides) == set(cfg.compare.backbones)
+    assert cfg.train.stop_when.metric == "val_accuracy"
+    gpu = compose("mqar_width", [], "validate/gpu")
+    assert not any(gpu.compare.arch_overrides.values())  # every GPU cell sweeps the rates
+    assert "train.lr=" in " ".join(gpu.compare.studies.mqar.train)
+
+
 def test_command_line_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"validate.only=\['mqar'\] names \['mqar'\]"):
         selected(sorted(CPU_SET), ["mqar"], [])

@@ -149,27 +149,31 @@ def mqar_width(records: list[dict[str, Any]], runs: list[Any], params: dict[str,
                             f"{_interval(gs)} vs {', '.join(_interval(a) for a in att_small)}"))
         checks.append(Check(f"{g} improves with width ({small:g} -> {large:g})", below(gs, gl),
                             f"{_interval(gs)} -> {_interval(gl)}"))
-
-    def mean_acc(name: str) -> float | None:
-        vals = [cells[(name, w)].estimate for w in widths if (name, w) in cells]
-        return float(np.mean(vals)) if len(vals) == len(widths) else None
-
-    gated_best = max((m for m in map(mean_acc, params["gated"]) if m is not None), default=None)
-    att_mean = min((m for m in map(mean_acc, params["attention"]) if m is not None),
-                   default=None)
-    for b in params["between"]:
-        m = mean_acc(b)
-        ok = None not in (m, gated_best, att_mean) and gated_best <= m <= att_mean + 0.02
-        checks.append(Check(f"{b} between the gated convolutions and attention (mean over "
-                            "widths)", ok, f"{b} {m if m is None else round(m, 2)}, gated best "
-                            f"{gated_best if gated_best is None else round(gated_best, 2)}, "
-                            f"attention {att_mean if att_mean is None else round(att_mean, 2)}"))
+    checks += _not_below_gated(cells, params, small)
     verdict, why = decide(checks)
     ours = "; ".join(f"{a} {cells[(a, small)].estimate:.2f} -> {cells[(a, large)].estimate:.2f}"
                      for a in sorted({a for a, _ in cells})
                      if (a, small) in cells and (a, large) in cells)
     return Outcome(verdict, f"accuracy at width {small:g} -> {large:g}: {ours}", checks, why,
                    _cell_table(cells, "width"), _series(cells), ("model width", "MQAR accuracy"))
+
+
+def _not_below_gated(cells: dict[tuple[str, float], Interval], params: dict[str, Any],
+                     small: float) -> list[Check]:
+    """The recurrent backbones (Mamba, RWKV) at the smallest width, where the gated convolutions
+    have not the width they need: not below the best of them (intervals). Zoology's upper side
+    of "in between" (below attention) is not tested: RWKV-7's delta-rule state postdates Zoology
+    and is built for recall, so matching attention is what it should do."""
+    gated = [cells[(g, small)] for g in params["gated"] if (g, small) in cells]
+    best = max(gated, key=lambda iv: iv.estimate, default=None)
+    out = []
+    for b in params["between"]:
+        iv = cells.get((b, small))
+        ok = iv is not None and best is not None and not below(iv, best)
+        out.append(Check(f"{b} not below the gated convolutions at width {small:g}", ok,
+                         f"{'-' if iv is None else _interval(iv)} vs best gated "
+                         f"{'-' if best is None else _interval(best)}"))
+    return out
 
 
 def task_pair(records: list[dict[str, Any]], runs: list[Any], params: dict[str, Any]
