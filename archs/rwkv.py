@@ -57,7 +57,7 @@ from archbench.archs.hf_layout import (
 from archbench.archs.kernels.rwkv7 import LOG_DECAY_MIN, MAX_CHUNK, fla_unavailable, wkv7
 from archbench.archs.mlp import hidden_size
 from archbench.archs.registry import register_embed_init, register_mixer, register_mlp
-from archbench.config import ConfigError, pattern_periods, require_positive
+from archbench.config import ConfigError, pattern_periods, pinned_layers, require_positive
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with head_size_divisor = 8
 _CHOICES = {"auto": "auto", "torch": "torch:chunked", "triton": "triton:fla"}
@@ -156,10 +156,17 @@ class TokenShiftState(LayerState):
 
 
 def _first_rwkv_layer(arch: Any) -> int:
-    """Index of the model's first RWKV-7 layer, from the pattern's period alone (a layer may be
-    built for counting with an arch whose n_layers is shorter than the period)."""
+    """Index of the model's first RWKV-7 layer: the period's, unless `arch.pattern.at` pins one
+    earlier (or is the only place rwkv7 appears). A layer may be built for counting with an
+    arch whose n_layers is 0 or shorter than the period, so the period is walked at least once."""
     mixers, _ = pattern_periods(arch)
-    return mixers.index("rwkv7")
+    depth = int(arch.n_layers or 0)
+    pinned = pinned_layers(arch, depth) if depth > 0 else {}
+    for index in range(max(depth, len(mixers))):
+        if pinned.get(index, mixers[index % len(mixers)]) == "rwkv7":
+            return index
+    raise ConfigError(f"arch.pattern={arch.pattern} places no rwkv7 layer within "
+                      f"arch.n_layers={depth}, yet an RWKV-7 layer is being built")
 
 
 # ---- Hugging Face layout: flash-linear-attention's RWKV7ForCausalLM (archs/hf_layout.py) --------

@@ -151,6 +151,22 @@ def test_value_residual_comes_from_the_first_rwkv_layer() -> None:
     assert RWKV7TimeMix(hybrid, 1).stores_v_first and not RWKV7TimeMix(hybrid, 3).stores_v_first
 
 
+def test_value_residual_follows_rwkv7_layers_pinned_by_pattern_at() -> None:
+    """rwkv7 pinned at layers 1 and 3 of an attention stack: layer 1 stores v_first (it is the
+    first RWKV-7 layer, though the period holds none), layer 3 reads it, and the model runs."""
+    pinned = OmegaConf.merge(rwkv_arch(n_layers=4), {"pattern": {
+        "mixers": ["attention"], "mlps": ["dense"], "at": {"rwkv7": [1, "L-1"]}}})
+    pinned.attention.head_dim = 32
+    model = LanguageModel(pinned, VOCAB).eval()
+    kinds = [(type(b.mixer).__name__, getattr(b.mixer, "stores_v_first", None))
+             for b in model.blocks]
+    assert [k for k, _ in kinds].count("RWKV7TimeMix") == 2
+    assert kinds[1] == ("RWKV7TimeMix", True) and kinds[3] == ("RWKV7TimeMix", False)
+    with torch.no_grad():
+        logits = model(torch.randint(0, VOCAB, (2, 9)))
+    assert torch.isfinite(logits).all()
+
+
 def test_state_bytes_are_constant_in_context() -> None:
     model = perturbed_model(n_layers=2)
     d, heads, n = 64, 2, 32
