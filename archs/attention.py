@@ -107,9 +107,16 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.softmax(scores.masked_fill(empty, float("-inf")), dim=-1) @ v
 
 
-# Under torch.compile the same computation is an opaque operator: on CPU, inductor lowers a bmm
-# with one query row to its own multiply-and-sum loop, which ran 2.4x slower than the eager
-# BLAS mat-vecs at a 4096-token cache (size tiny, batch 1: 120 against 289 tokens/s).
+# Under torch.compile, a cache longer than this attends through the opaque operator below: on
+# CPU, inductor lowered the one-row bmm to its own multiply-and-sum loop, measured 2.4x slower than
+# the eager BLAS mat-vecs at a 4096-token cache (size tiny, batch 1: 120 against 289 tokens/s).
+# Up to it, inductor traces the same code: the operator's dispatch per layer (about 8 us a call)
+# and the lost fusion of scale, mask and softmax made compiled decoding at a 144-token cache
+# 1.2x slower (interleaved, reports/cpu-speed/NOTES.md). The shapes are static, so the choice is
+# made once per graph, i.e. per (batch, cache length).
+OPAQUE_ATTENTION_FROM = 2048
+
+
 @torch.library.custom_op("archbench::cached_attention", mutates_args=())
 def _cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          position: torch.Tensor) -> torch.Tensor:
@@ -272,9 +279,10 @@ class Attention(Sublayer):
         state.v.index_copy_(2, at, v)
         # One query row per head: two batched mat-vecs and a softmax, written out (the
         # `decode_path`). SDPA's CPU flash kernel measured 1.2-20x slower here with the mask,
-        # and flash attention on CUDA takes no mask at all. Compiled: the same code as one
-        # opaque operator (see `_cached_attention_op`).
-        attend = _cached_attention_op if torch.compiler.is_compiling() else cached_attention
+        # and flash attention on CUDA takes no mask at all. Compiled over a long cache: the same
+        # code as one opaque operator (see `OPAQUE_ATTENTION_FROM`).
+        opaque = torch.compiler.is_compiling() and state.k.shape[2] > OPAQUE_ATTENTION_FROM
+        attend = _cached_attention_op if opaque else cached_attention
         out = attend(q, state.k, state.v, position)
         return self.o_proj(out.reshape(batch, -1))
 

@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from archbench.archs import registry
+from archbench.archs.attention import OPAQUE_ATTENTION_FROM
 from archbench.archs.base import ForwardContext
 from archbench.archs.compiling import graph_report
 from archbench.archs.model import LanguageModel, resolve_kernels
@@ -166,6 +167,37 @@ def test_inductor_matches_eager_with_every_mixer_in_one_model() -> None:
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_inductor_matches_eager_per_mixer(mixer: str) -> None:
     _compiled_matches_eager([mixer])
+
+
+class GraphKeeper(CountingBackend):
+    """A CountingBackend that also keeps the code of every captured graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code: list[str] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.code.append(gm.code)
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.mark.parametrize("cache_len", [16, OPAQUE_ATTENTION_FROM, OPAQUE_ATTENTION_FROM + 1])
+def test_compiled_attention_step_is_opaque_only_over_a_long_cache(cache_len: int) -> None:
+    """The traced step holds the opaque operator exactly when the cache is longer than
+    OPAQUE_ATTENTION_FROM (chosen per graph); both forms give the eager logits."""
+    model = tiny_model(["attention"], mlp="dense").eval()
+    seq = tokens(2, 9)
+    eager_cache, traced_cache = model.init_cache(2, cache_len), model.init_cache(2, cache_len)
+    backend = GraphKeeper()
+    with torch.no_grad():
+        model(seq[:, :5], eager_cache)
+        model(seq[:, :5], traced_cache)
+        eager = [model.decode_step(seq[:, i], eager_cache) for i in range(5, 9)]
+        model._compiled_step = torch.compile(model.decode_body, backend=backend, dynamic=False)
+        traced = [model.decode_step(seq[:, i], traced_cache) for i in range(5, 9)]
+    assert backend.graphs == 1
+    assert ("archbench.cached_attention" in backend.code[0]) == (cache_len > OPAQUE_ATTENTION_FROM)
+    torch.testing.assert_close(torch.stack(traced), torch.stack(eager), rtol=0.0, atol=1e-5)
 
 
 def test_grouped_query_decode_step_equals_the_full_forward() -> None:
