@@ -109,7 +109,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 # Under torch.compile, a cache longer than this attends through the opaque operator below: on
 # CPU, inductor lowered the one-row bmm to its own multiply-and-sum loop, measured 2.4x slower than
-# the eager BLAS mat-vecs at a 4096-token cache (size tiny, batch 1: 120 against 289 tokens/s).
+# the eager BLAS mat-vecs at a 4096-token cache (size tiny, batch 1: 120 against 289 tokens/s; not
+# seen again at 4352 once compiled decoding ran under no_grad; kept there as the safe side).
 # Up to it, inductor traces the same code: the operator's dispatch per layer (about 8 us a call)
 # and the lost fusion of scale, mask and softmax made compiled decoding at a 144-token cache
 # 1.2x slower (interleaved, reports/cpu-speed/NOTES.md). The shapes are static, so the choice is
