@@ -21,6 +21,26 @@ _OPTIONAL = ("mamba-ssm", "causal-conv1d", "flash-linear-attention", "transforme
 
 
 @lru_cache(maxsize=1)
+def _local_prefixes() -> tuple[tuple[str, str], ...]:
+    """(prefix, replacement) pairs, longest first: the checkout and the installed libraries."""
+    import sysconfig
+
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+    libs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    pairs = [(root, ""), *((str(Path(lib)) + "/", "site-packages/") for lib in libs)]
+    return tuple(sorted(pairs, key=lambda p: -len(p[0])))
+
+
+def portable_paths(text: str) -> str:
+    """Error text as a reader of a committed record can use it: file paths relative to the
+    checkout (`archs/mlp.py`) or to the installed libraries (`site-packages/torch/...`), not to
+    the machine that happened to run it."""
+    for prefix, replacement in _local_prefixes():
+        text = text.replace(prefix, replacement)
+    return text
+
+
+@lru_cache(maxsize=1)
 def git_state() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ from archbench.config import to_container, validate
 from archbench.device import autocast_dtype, pick_device
 from archbench.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from archbench.progress import progress_bar
-from archbench.provenance import provenance
+from archbench.provenance import portable_paths, provenance
 from archbench.train import distributed as dist_utils
 from archbench.train.data import TokenData, WindowOrder, build_corpus, load_data
 from archbench.train.loggers import make_logger
@@ -75,7 +75,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return portable_paths(f"{type(exc).__name__}: {exc}")
 
 
 def record_failure(cfg: DictConfig, run_dir: str | Path, exc: BaseException) -> None:
@@ -91,7 +91,7 @@ def record_failure(cfg: DictConfig, run_dir: str | Path, exc: BaseException) -> 
     error = error_text(exc)
     summary = {"status": "failed", "error": error, "run": run_dir.name,
                "arch": cfg.arch.name, "size": cfg.size.name, "seed": cfg.train.seed,
-               "traceback": traceback.format_exception(exc)[-8:],
+               "traceback": [portable_paths(line) for line in traceback.format_exception(exc)[-8:]],
                "config": OmegaConf.to_container(cfg, resolve=False)}
     write_json_atomic(run_dir / "summary.json", summary)
     append_jsonl(run_dir / "records.jsonl", {

@@ -55,6 +55,7 @@ from archbench.evaluate.bench.measure import (
     time_step,
 )
 from archbench.evaluate.bench.memory import PeakMemory, limit_data
+from archbench.provenance import portable_paths
 from archbench.train.step import LogitsFn, TrainStep
 
 GRAPH_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
@@ -476,9 +477,9 @@ def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None 
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - every failure is a result of the sweep
         out["status"] = "oom" if is_oom(exc) else "error"
-        out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        out["error"] = portable_paths(f"{type(exc).__name__}: {exc}")[:2000]
         if out["status"] == "error":
-            out["traceback"] = traceback.format_exc()[-4000:]
+            out["traceback"] = portable_paths(traceback.format_exc())[-4000:]
     finally:
         out.update(memory.read())
         del model, peer
