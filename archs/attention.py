@@ -91,6 +91,24 @@ def rope_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+# Decoding reads its RoPE rows from one table per (head size, theta, device), shared by every
+# layer: computed per step instead, the compiled step recomputed the powers, sines and cosines of
+# the query's rotation inside the score loop, once per cached position (inductor inlines the
+# rotation into its multiply-and-sum form of the one-row matmul).
+_ROPE_TABLES: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(length: int, head_dim: int, theta: float,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos / sin of positions 0..length-1 (at least), the rows `rope_tables` gives them."""
+    key = (head_dim, float(theta), str(device))
+    held = _ROPE_TABLES.get(key)
+    if held is None or held[0].shape[0] < length:
+        positions = torch.arange(length, device=device)
+        held = _ROPE_TABLES[key] = rope_tables(positions, head_dim, theta, torch.float32)
+    return held
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head (the Llama / GPT-NeoX layout)."""
     half = x.shape[-1] // 2
@@ -105,29 +123,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, n_kv, rep, max_len)
     empty = torch.arange(k.shape[2], device=q.device) > position
     return torch.softmax(scores.masked_fill(empty, float("-inf")), dim=-1) @ v
-
-
-# Under torch.compile, a cache longer than this attends through the opaque operator below: on
-# CPU, inductor lowered the one-row bmm to its own multiply-and-sum loop, measured 2.4x slower than
-# the eager BLAS mat-vecs at a 4096-token cache (size tiny, batch 1: 120 against 289 tokens/s; not
-# seen again at 4352 once compiled decoding ran under no_grad; kept there as the safe side).
-# Up to it, inductor traces the same code: the operator's dispatch per layer (about 8 us a call)
-# and the lost fusion of scale, mask and softmax made compiled decoding at a 144-token cache
-# 1.2x slower (interleaved, reports/cpu-speed/NOTES.md). The shapes are static, so the choice is
-# made once per graph, i.e. per (batch, cache length).
-OPAQUE_ATTENTION_FROM = 2048
-
-
-@torch.library.custom_op("archbench::cached_attention", mutates_args=())
-def _cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         position: torch.Tensor) -> torch.Tensor:
-    return cached_attention(q, k, v, position)
-
-
-@_cached_attention_op.register_fake
-def _cached_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            position: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def _gpt2_attention_to_hf(tensors: Tensors, module: Any) -> Tensors:
@@ -191,6 +186,9 @@ class Attention(Sublayer):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+        # The decoding rows of RoPE, set by `init_state` (not saved: a function of the config).
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
 
     def resolve_kernels(self, device: torch.device) -> str:
         on_cuda = device.type == "cuda"
@@ -206,6 +204,9 @@ class Attention(Sublayer):
         self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> KVState:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        if self.use_rope:
+            self.rope_cos, self.rope_sin = rope_table(max_len, self.head_dim, self.rope_theta,
+                                                      torch.device(device))
         return KVState(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
@@ -274,17 +275,20 @@ class Attention(Sublayer):
         v = self.v_proj(x).view(batch, n_kv, 1, self.head_dim)
         at = position.view(1)
         if self.use_rope:
-            cos, sin = rope_tables(at, self.head_dim, self.rope_theta, q.dtype)
+            if self.rope_cos is None or self.rope_cos.shape[0] < state.k.shape[2]:
+                raise RuntimeError("decode_step needs a cache made by this model's init_cache")
+            cos, sin = self.rope_cos[at].to(q.dtype), self.rope_sin[at].to(q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         state.k.index_copy_(2, at, k)
         state.v.index_copy_(2, at, v)
         # One query row per head: two batched mat-vecs and a softmax, written out (the
         # `decode_path`). SDPA's CPU flash kernel measured 1.2-20x slower here with the mask,
-        # and flash attention on CUDA takes no mask at all. Compiled over a long cache: the same
-        # code as one opaque operator (see `OPAQUE_ATTENTION_FROM`).
-        opaque = torch.compiler.is_compiling() and state.k.shape[2] > OPAQUE_ATTENTION_FROM
-        attend = _cached_attention_op if opaque else cached_attention
-        out = attend(q, state.k, state.v, position)
+        # and flash attention on CUDA takes no mask at all. Compiled on CPU, inductor turns the
+        # one-row matmuls into fused multiply-and-sum loops with the scale, mask and softmax;
+        # with the RoPE rows read from the table this beat calling the eager matmuls as one
+        # opaque operator at every cache length measured (1.09-1.23x at 128 and 4096, batches
+        # 1 and 8; reports/cpu-speed/NOTES.md), so there is no such operator any more.
+        out = cached_attention(q, state.k, state.v, position)
         return self.o_proj(out.reshape(batch, -1))
 
     @property

@@ -22,7 +22,6 @@ import torch
 from omegaconf import OmegaConf
 
 from archbench.archs import registry
-from archbench.archs.attention import OPAQUE_ATTENTION_FROM
 from archbench.archs.base import ForwardContext
 from archbench.archs.compiling import graph_report
 from archbench.archs.model import LanguageModel, resolve_kernels
@@ -181,11 +180,12 @@ class GraphKeeper(CountingBackend):
         return super().__call__(gm, example_inputs)
 
 
-@pytest.mark.parametrize("cache_len", [16, OPAQUE_ATTENTION_FROM, OPAQUE_ATTENTION_FROM + 1])
-def test_compiled_attention_step_is_opaque_only_over_a_long_cache(cache_len: int) -> None:
-    """The traced step holds the opaque operator exactly when the cache is longer than
-    OPAQUE_ATTENTION_FROM (chosen per graph); both forms give the eager logits."""
-    model = tiny_model(["attention"], mlp="dense").eval()
+@pytest.mark.parametrize("cache_len", [16, 300])
+def test_compiled_attention_step_reads_rope_rows_from_the_table(cache_len: int) -> None:
+    """The traced step computes no sines or cosines (inductor would inline them into its score
+    loop, once per cached position): it reads the rows of the shared table, and gives the eager
+    logits; one table serves every layer."""
+    model = tiny_model(["attention", "attention"], mlp="dense").eval()
     seq = tokens(2, 9)
     eager_cache, traced_cache = model.init_cache(2, cache_len), model.init_cache(2, cache_len)
     backend = GraphKeeper()
@@ -196,8 +196,20 @@ def test_compiled_attention_step_is_opaque_only_over_a_long_cache(cache_len: int
         model._compiled_step = torch.compile(model.decode_body, backend=backend, dynamic=False)
         traced = [model.decode_step(seq[:, i], traced_cache) for i in range(5, 9)]
     assert backend.graphs == 1
-    assert ("archbench.cached_attention" in backend.code[0]) == (cache_len > OPAQUE_ATTENTION_FROM)
+    assert not any(op in backend.code[0] for op in ("torch.cos", "torch.sin", ".cos()", ".sin()"))
     torch.testing.assert_close(torch.stack(traced), torch.stack(eager), rtol=0.0, atol=1e-5)
+    first, second = (block.mixer for block in model.blocks)
+    assert first.rope_cos is second.rope_cos and first.rope_cos.shape[0] >= cache_len
+
+
+def test_rope_table_rows_equal_the_per_position_rows() -> None:
+    """A decoding row from the table is bit for bit the row the full forward computes."""
+    from archbench.archs.attention import rope_table, rope_tables
+
+    cos, sin = rope_table(1000, 64, 10000.0, torch.device("cpu"))
+    at = torch.tensor([0, 1, 517, 999])
+    want_cos, want_sin = rope_tables(at, 64, 10000.0, torch.float32)
+    assert torch.equal(cos[at], want_cos) and torch.equal(sin[at], want_sin)
 
 
 def test_grouped_query_decode_step_equals_the_full_forward() -> None:
