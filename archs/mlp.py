@@ -133,6 +133,40 @@ def _grouped_mm_fn() -> Any | None:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+# On CPU the grouped GEMM runs eagerly in fp32, but torch's shape rule for the compiler accepts
+# bf16 only (torch 2.13: "Expected inputs of BF16 type"), so a compiled Jamba failed at its first
+# MoE layer. There it is called through this operator, which the compiler treats as opaque: the
+# same kernel, a shape rule for every dtype, and its gradients from the same operator.
+@torch.library.custom_op("archbench::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a (M, K) x b (G, K, N) -> (M, N), rows of a grouped by offs; or a (K, M) x b (M, N) ->
+    (G, K, N), one product per group of a's columns / b's rows (the weight gradient)."""
+    fn = _grouped_mm_fn()
+    assert fn is not None, "the operator is only used where grouped_mm exists"
+    return fn(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _grouped_mm_shape(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])
+
+
+def _grouped_mm_keep(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    a, b, offs = ctx.saved_tensors  # only the (M, K) x (G, K, N) form is differentiated
+    grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs)
+    grad_b = _grouped_mm_op(a.t(), grad, offs)
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_grads, setup_context=_grouped_mm_keep)
+
+
 def route_top_k(
     logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,12 +193,19 @@ def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int
     return n_experts * (fractions * probs.mean(dim=0)).sum()
 
 
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert, (n_experts,) int64. A scatter-add rather than `bincount`, whose
+    output length depends on the data as far as the compiler knows (a graph break per layer)."""
+    flat = experts.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_fractions(
     experts: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Fraction of top-k assignments per expert (sums to 1), the signal of routing collapse."""
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts)
-    return counts.to(dtype) / experts.numel()
+    return expert_counts(experts, n_experts).to(dtype) / experts.numel()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -313,7 +354,7 @@ class MoE(Sublayer):
         flat_experts = experts.reshape(-1)
         order = flat_experts.argsort(stable=True)  # assignments grouped by expert
         token_idx = order // self.top_k
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        counts = expert_counts(flat_experts, self.n_experts)
         rows = flat[token_idx]
         if self.kernel_path == "grouped_mm":
             ys = self._grouped(rows, counts)
@@ -346,7 +387,7 @@ class MoE(Sublayer):
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One grouped GEMM per projection; offs are the cumulative block ends."""
-        fn = _grouped_mm_fn()
+        fn = _grouped_mm_op if rows.device.type == "cpu" else _grouped_mm_fn()
         device_type = rows.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else rows.dtype)

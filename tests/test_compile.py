@@ -109,6 +109,36 @@ def test_training_forward_and_loss_is_one_graph_without_breaks(mixer: str) -> No
     assert report.breaks == 0 and report.graphs == 1, report.reasons
 
 
+def test_moe_compiles_without_breaks_and_matches_eager_with_gradients() -> None:
+    """The MoE MLP (Jamba's) on its CPU grouped-GEMM path: one graph for training and for the
+    decode step (expert counts by scatter-add, not bincount), and AOTAutograd's trace (fake
+    tensors: torch's own grouped_mm shape rule accepts bf16 only) gives eager's loss and
+    gradients."""
+    model = tiny_model(["attention"], mlp="moe").train()
+    assert model.kernel_paths()["mlp:moe"] == "grouped_mm"
+    seq = tokens(4, 33)
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ctx = ForwardContext()
+        return lm_loss(model(inputs, ctx=ctx), targets) + ctx.aux_loss()
+
+    report = graph_report(loss_of, seq[:, :-1], seq[:, 1:])
+    assert report.breaks == 0 and report.graphs == 1, report.reasons
+    eager = loss_of(seq[:, :-1], seq[:, 1:])
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    traced = torch.compile(loss_of, backend="aot_eager", dynamic=False)(seq[:, :-1], seq[:, 1:])
+    traced_grads = torch.autograd.grad(traced, list(model.parameters()))
+    torch.testing.assert_close(traced, eager, rtol=0.0, atol=1e-6)
+    for a, b in zip(traced_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-6)
+    model.eval()
+    cache = prefilled(model)
+    with torch.no_grad():
+        report = graph_report(model.decode_body, tokens(2, 1)[:, 0], cache.states,
+                              cache.position_tensor())
+    assert report.breaks == 0 and report.graphs == 1, report.reasons
+
+
 def test_decode_compiles_once_for_every_position_and_every_cache_of_that_shape() -> None:
     """Policy: one graph per (batch, cache length, dtype); positions are tensors, so stepping
     and a fresh cache of the same shape reuse it; another batch size compiles one more."""
