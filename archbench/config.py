@@ -231,6 +231,10 @@ class BenchConfig:
     # mode only (null: bench.contexts / bench.batch_sizes).
     by_mode: BenchByMode = field(default_factory=lambda: BenchByMode())
     peer_max_context: int | None = None  # no peer measurement above this context (slow peers)
+    # Decoding at a longer context is also timed in alternation with decoding at this one, in one
+    # process (record field `growth`): a step's cost against the context, free of the drift
+    # that separate measurements carry. None: not measured.
+    growth_reference: int | None = None
 
 
 @dataclass

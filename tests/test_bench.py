@@ -441,3 +441,35 @@ def test_compiled_measurements_run_under_no_grad_and_eager_ones_under_inference_
         assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     with inference_context({"compile": False}):
         assert torch.is_inference_mode_enabled()
+
+
+def test_decode_growth_is_timed_against_the_reference_context_in_one_process(
+        tmp_path: Path) -> None:
+    """Above bench.growth_reference a decode record carries `growth`: its unit and the unit at
+    the reference context timed in alternation (ratio = speed here / speed there); at or below
+    the reference it is None; the report turns it into a verdict; a bad reference is refused
+    before any work."""
+    from archbench.evaluate.reporting.systems import growth_verdict
+
+    cfg = bench_config(tmp_path, "mamba", "bench.isolate=false", "bench.modes=[decode]",
+                       "bench.contexts=[8,64]", "bench.growth_reference=8", "bench.repeats=3")
+    short, long = runner.run_bench(cfg)
+    assert short["context"] == 8 and short["growth"] is None
+    growth = long["growth"]
+    assert growth["reference_context"] == 8 and growth["n"] >= 3
+    assert growth["min"] <= growth["q1"] <= growth["ratio"] <= growth["q3"] <= growth["max"]
+    with (tmp_path / "bench.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[1]["growth_ratio"]) == pytest.approx(growth["ratio"])
+    from archbench.evaluate.reporting.build import build_report
+
+    report, _ = build_report([tmp_path], tmp_path / "report", "t")
+    text = report.read_text()
+    assert "Decoding cost against the context" in text
+    assert f"| 8 → 64 | {growth['ratio']:.2f} |" in text
+    assert growth_verdict({"ratio": 0.93}) == "flat (within 10%)"
+    assert growth_verdict({"ratio": 0.25}) == "slower by 75%"
+    assert growth_verdict({"ratio": 1.5}) == "faster by 50%"
+    bad = bench_config(tmp_path, "mamba", "bench.growth_reference=0")
+    with pytest.raises(ConfigError, match="bench.growth_reference"):
+        runner.run_bench(bad)

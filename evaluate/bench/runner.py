@@ -97,6 +97,11 @@ does not apply to the mode; the CSV holds the scalar ones):
                     {"ratio" (median over pairs of t_peer / t_ours), "q1", "q3", "min", "max",
                     "n", "ours_tokens_per_s", "peer_tokens_per_s"}, and ratio is that median
                     (ratio_basis "interleaved", "interleaved eager" for decode); else None
+  growth            decode above bench.growth_reference = R tokens: the same decode unit at
+                    context R, timed in alternation with this one in one process (ABBA), as
+                    {"reference_context": R, "ratio" (median over pairs of t_R / t_context: the
+                    speed at this context relative to R; 1 = flat), "q1", "q3", "min", "max",
+                    "n"}; None otherwise (eager timing; compiled when the record is)
   provenance        archbench.provenance.provenance(device): git, versions, device, command
   config            the resolved config
 """
@@ -131,7 +136,7 @@ RECORD_KEYS = (
     "eager_median_s", "eager_tokens_per_s", "graph_capture_s", "kernel_paths", "params",
     "threads", "isolated", "probe", "probes", "first_failed_context", "limit",
     "rss_budget_bytes", "peer", "provenance", "config", "compiled", "compile_s",
-    "graph_breaks", "graphs", "reasons", "compile_check", "profile",
+    "graph_breaks", "graphs", "reasons", "compile_check", "profile", "growth",
 )
 
 CSV_COLUMNS = (
@@ -141,7 +146,7 @@ CSV_COLUMNS = (
     "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "params_total",
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
     "peer_ratio", "peer_ratio_basis", "probe", "error", "notes", "compiled", "compile_s",
-    "graph_breaks", "profile_bound",
+    "graph_breaks", "profile_bound", "growth_reference", "growth_ratio",
 )
 
 
@@ -168,6 +173,10 @@ def _check_bench(bench: Any) -> list[str]:
             if values is not None and (not values or any(int(v) < 1 for v in values)):
                 raise ConfigError(f"bench.by_mode.{mode}.{key}={list(values)} must be a "
                                   "non-empty list of integers >= 1")
+    reference = bench.get("growth_reference")
+    if reference is not None and (not isinstance(reference, int) or reference < 1):
+        raise ConfigError(f"bench.growth_reference={reference!r} is not allowed; give a context "
+                          "length >= 1 (tokens), or null to measure no growth")
     for key in ("warmup", "decode_tokens", "max_context_step"):
         if int(bench[key]) < (1 if key != "warmup" else 0):
             raise ConfigError(f"bench.{key}={bench[key]} is too small")
@@ -469,6 +478,8 @@ def csv_row(rec: dict[str, Any]) -> dict[str, Any]:
         peer_name=peer.get("name"), peer_tokens_per_s=peer.get("tokens_per_s"),
         peer_ratio=peer.get("ratio"), peer_ratio_basis=peer.get("ratio_basis"),
         profile_bound=(rec.get("profile") or {}).get("bound"),
+        growth_reference=(rec.get("growth") or {}).get("reference_context"),
+        growth_ratio=(rec.get("growth") or {}).get("ratio"),
         notes=" | ".join(n.splitlines()[0] for n in rec.get("notes") or [] if n),
     )
     return row

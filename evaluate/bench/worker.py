@@ -254,6 +254,7 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
             out["cuda_graphs_note"] = ("not on CUDA" if device.type != "cuda"
                                        else "bench.cuda_graphs=false")
         measured = cache.nbytes()
+        out["growth"] = _decode_growth(model, task, device, setup, eager_step)
     flops = step_flops(model, "decode", batch, context, new)
     out.update(_timing_fields(timing, batch * new, flops, device, task["dtype"]))
     out.update(per_token_s=timing.median / new, eager_median_s=eager.median,
@@ -261,6 +262,36 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
                state_bytes_measured=measured,
                state_bytes_analytic=model.cache_bytes(batch, context + new, dtype))
     return out
+
+
+def _ratio_summary(ratios: list[float]) -> dict[str, float | int]:
+    """Median, quartiles and extremes of per-pair ratios."""
+    ratios = sorted(ratios)
+    q1, _, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                 else (ratios[0],) * 3)
+    return {"ratio": statistics.median(ratios), "q1": q1, "q3": q3, "min": ratios[0],
+            "max": ratios[-1], "n": len(ratios)}
+
+
+def _decode_growth(model: Any, task: dict[str, Any], device: torch.device,
+                   setup: Callable[[], Any], step: Callable[[], Any]) -> dict[str, Any] | None:
+    """The record's `growth` (runner docstring): this decode unit against the same unit at
+    bench.growth_reference tokens, in alternation in one process. Separate measurements of the
+    two contexts drift with the machine's load (seen: -52%..+204% for steps whose work does not
+    depend on the context); adjacent pairs cancel it."""
+    from archbench.evaluate.bench.measure import time_pair
+
+    reference = _bench(task).growth_reference
+    if reference is None or task["context"] <= int(reference):
+        return None
+    b = _bench(task)
+    ref_setup, ref_step, *_ = _ours_decode_unit(model, {**task, "context": int(reference)},
+                                                device)
+    mine, theirs = time_pair(step, ref_step, device, setup_a=setup, setup_b=ref_setup,
+                             warmup=b.warmup, repeats=b.repeats, min_seconds=b.min_seconds,
+                             max_repeats=b.max_repeats, max_seconds=b.max_seconds)
+    ratios = [t_ref / t for t, t_ref in zip(mine.times, theirs.times, strict=True)]
+    return {"reference_context": int(reference), **_ratio_summary(ratios)}
 
 
 def ours_memory(model: Any, task: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -379,12 +410,9 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
             _under(ours_mode, ours_step), _under(torch.inference_mode, peer_step), device,
             setup_a=_under(ours_mode, ours_setup),
             setup_b=_under(torch.inference_mode, peer_setup) if peer_setup else None, **kwargs)
-    ratios = sorted(tp / to for to, tp in zip(mine.times, theirs.times, strict=True))
-    q1, _, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
-                 else (ratios[0],) * 3)
+    ratios = [tp / to for to, tp in zip(mine.times, theirs.times, strict=True)]
     tokens = _units_tokens(task)
-    return {"paired": {"ratio": statistics.median(ratios), "q1": q1, "q3": q3,
-                       "min": ratios[0], "max": ratios[-1], "n": len(ratios),
+    return {"paired": {**_ratio_summary(ratios),
                        "ours_tokens_per_s": tokens / mine.median,
                        "peer_tokens_per_s": tokens / theirs.median}}
 

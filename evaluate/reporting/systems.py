@@ -149,6 +149,7 @@ def section_efficiency(rep: Report) -> bool:
     _memory(rep)
     _max_context(rep)
     _peers(rep)
+    _growth(rep)
     return True
 
 
@@ -344,6 +345,39 @@ def _peers(rep: Report) -> None:
                   "compiled time our torch.compile'd step (compile seconds apart, not in the "
                   "ratio). Spread: quartiles and extremes of the per-pair ratios when ours and "
                   "the peer were timed call by call in alternation (basis interleaved).", ""]
+
+
+GROWTH_FLAT = 0.10  # a decode step "flat" in the context: speed within 10% of the reference's
+
+
+def growth_verdict(growth: dict[str, Any]) -> str:
+    """Flat, or slower / faster at the longer context, by the median of the interleaved pairs."""
+    change = growth["ratio"] - 1.0
+    if abs(change) <= GROWTH_FLAT:
+        return f"flat (within {GROWTH_FLAT:.0%})"
+    return f"{'slower' if change < 0 else 'faster'} by {abs(change):.0%}"
+
+
+def _growth(rep: Report) -> None:
+    recs = [r for r in rep.col.bench("decode") if isinstance(r.get("growth"), dict)]
+    if not recs:
+        return
+    rows = []
+    for r in sorted(recs, key=lambda r: (rep.labels.rank(rep.labels.of(r)), r.get("batch") or 0,
+                                         r.get("context") or 0)):
+        g = r["growth"]
+        rows.append([f"**{rep.labels.of(r)}**", r.get("batch"),
+                     f"{context(g['reference_context'])} → {context(r.get('context'))}",
+                     f"{g['ratio']:.2f}", f"{g['q1']:.2f}–{g['q3']:.2f}",
+                     f"{g['min']:.2f}–{g['max']:.2f} (n={g['n']})", growth_verdict(g)])
+    rep.lines += ["### Decoding cost against the context (interleaved in one process)", ""]
+    rep.lines += md_table(["backbone", "batch", "context", "speed / speed at reference",
+                           "q1–q3", "min–max", "verdict"], rows)
+    rep.lines += ["Each row times the same decode unit at the record's context and at the "
+                  "reference context in alternation, in one process (the record's `growth`), so "
+                  "the machine's drifting load cancels; 1 means the same speed. A recurrent step "
+                  "does no work that depends on the context and should be flat; attention and "
+                  "Hyena read a history that grows with it.", ""]
 
 
 def _ratio_spread(peer: dict[str, Any]) -> str:
