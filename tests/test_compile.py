@@ -60,6 +60,15 @@ def prefilled(model: LanguageModel, batch: int = 2, prompt: int = 7, room: int =
     return cache
 
 
+def training_loss(model: LanguageModel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The trainer's loss of `model` (LM loss + the sublayers' auxiliary losses)."""
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ctx = ForwardContext()
+        return lm_loss(model(inputs, ctx=ctx), targets) + ctx.aux_loss()
+
+    return loss_of
+
+
 class CountingBackend:
     """A dynamo backend that runs the captured graph as is and counts compilations."""
 
@@ -100,12 +109,7 @@ def test_decode_step_is_one_graph_without_breaks(mixer: str) -> None:
 def test_training_forward_and_loss_is_one_graph_without_breaks(mixer: str) -> None:
     model = tiny_model([mixer], mlp="dense").train()
     seq = tokens(2, 33)
-
-    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ctx = ForwardContext()
-        return lm_loss(model(inputs, ctx=ctx), targets) + ctx.aux_loss()
-
-    report = graph_report(loss_of, seq[:, :-1], seq[:, 1:])
+    report = graph_report(training_loss(model), seq[:, :-1], seq[:, 1:])
     assert report.breaks == 0 and report.graphs == 1, report.reasons
 
 
@@ -117,11 +121,7 @@ def test_moe_compiles_without_breaks_and_matches_eager_with_gradients() -> None:
     model = tiny_model(["attention"], mlp="moe").train()
     assert model.kernel_paths()["mlp:moe"] == "grouped_mm"
     seq = tokens(4, 33)
-
-    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ctx = ForwardContext()
-        return lm_loss(model(inputs, ctx=ctx), targets) + ctx.aux_loss()
-
+    loss_of = training_loss(model)
     report = graph_report(loss_of, seq[:, :-1], seq[:, 1:])
     assert report.breaks == 0 and report.graphs == 1, report.reasons
     eager = loss_of(seq[:, :-1], seq[:, 1:])

@@ -88,3 +88,32 @@ def test_tables_carry_spreads_and_the_stop_rule_leads(tmp_path: Path) -> None:
                        if line.startswith("| **mamba** | prefill"))
     assert "within the spread of repeats" in prefill_row
     assert "one learning rate (0.001) for every backbone and cell" in shows
+
+
+def test_speed_claims_between_separate_records_must_clear_the_measured_drift(
+        tmp_path: Path) -> None:
+    """Mamba's decode at 4096 was measured at 1.5x its speed at 128 in separate processes but
+    1.0x in alternation in one process (`growth`), so separate records here can disagree by
+    x1.5; a 1.4x ratio between backbones whose repeats span 1.2-1.6x is then not claimed, a 3x
+    one is."""
+    def decode(arch: str, context: int, median_s: float, low_s: float, high_s: float,
+               growth: float | None = None) -> dict:
+        rec = _bench(arch, "decode", context, median_s, low_s, high_s, 16)
+        if growth is not None:
+            rec["growth"] = {"reference_context": 128, "ratio": growth, "q1": growth,
+                             "q3": growth, "min": growth, "max": growth, "n": 5}
+        return rec
+
+    records = [decode("mamba", 128, 0.015, 0.015, 0.015),
+               decode("mamba", 4096, 0.010, 0.010, 0.010, growth=1.0),  # separate: 1.5x
+               decode("transformer", 4096, 0.014, 0.013, 0.015),
+               decode("rwkv7", 4096, 0.0045, 0.0044, 0.0046)]
+    _write(tmp_path / "in" / "records.jsonl", records)
+    text = build_report([tmp_path / "in"], tmp_path / "out", "t")[0].read_text()
+    shows = text.split("## What this comparison shows")[1].split("\n## ")[0]
+    assert "drift between separate measurements seen in these records (x1.50" in shows
+    mamba = next(line for line in shows.splitlines() if line.startswith("| **mamba** | decode"))
+    assert "1.40x" in mamba and "within the drift between measurements (x1.50)" in mamba
+    rwkv = next(line for line in shows.splitlines() if line.startswith("| **rwkv7** | decode"))
+    assert rwkv.endswith("| faster |")
+    assert "**rwkv7** is faster" in shows and "**mamba** is faster" not in shows
