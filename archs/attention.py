@@ -100,13 +100,22 @@ _ROPE_TABLES: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor]] = 
 
 def rope_table(length: int, head_dim: int, theta: float,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos / sin of positions 0..length-1 (at least), the rows `rope_tables` gives them."""
+    """fp32 cos / sin of positions 0..length-1 (at least), half a head wide: the rows
+    `rope_tables` gives are these halves twice (see `rope_rows`)."""
     key = (head_dim, float(theta), str(device))
     held = _ROPE_TABLES.get(key)
     if held is None or held[0].shape[0] < length:
-        positions = torch.arange(length, device=device)
-        held = _ROPE_TABLES[key] = rope_tables(positions, head_dim, theta, torch.float32)
+        cos, sin = rope_tables(torch.arange(length, device=device), head_dim, theta,
+                               torch.float32)
+        held = _ROPE_TABLES[key] = (cos[:, : head_dim // 2].clone(),
+                                    sin[:, : head_dim // 2].clone())
     return held
+
+
+def rope_rows(table: torch.Tensor, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Full-width rows of a half-width `rope_table` at positions `at`."""
+    half = table[at]
+    return torch.cat([half, half], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -277,7 +286,8 @@ class Attention(Sublayer):
         if self.use_rope:
             if self.rope_cos is None or self.rope_cos.shape[0] < state.k.shape[2]:
                 raise RuntimeError("decode_step needs a cache made by this model's init_cache")
-            cos, sin = self.rope_cos[at].to(q.dtype), self.rope_sin[at].to(q.dtype)
+            cos = rope_rows(self.rope_cos, at, q.dtype)
+            sin = rope_rows(self.rope_sin, at, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         state.k.index_copy_(2, at, k)
         state.v.index_copy_(2, at, v)

@@ -234,12 +234,14 @@ def test_compiled_attention_step_reads_rope_rows_from_the_table(cache_len: int) 
 
 def test_rope_table_rows_equal_the_per_position_rows() -> None:
     """A decoding row from the table is bit for bit the row the full forward computes."""
-    from archbench.archs.attention import rope_table, rope_tables
+    from archbench.archs.attention import rope_rows, rope_table, rope_tables
 
     cos, sin = rope_table(1000, 64, 10000.0, torch.device("cpu"))
+    assert cos.shape == (1000, 32)  # half a head: the rows repeat their halves
     at = torch.tensor([0, 1, 517, 999])
     want_cos, want_sin = rope_tables(at, 64, 10000.0, torch.float32)
-    assert torch.equal(cos[at], want_cos) and torch.equal(sin[at], want_sin)
+    assert torch.equal(rope_rows(cos, at, torch.float32), want_cos)
+    assert torch.equal(rope_rows(sin, at, torch.float32), want_sin)
 
 
 def test_grouped_query_decode_step_equals_the_full_forward() -> None:
