@@ -351,11 +351,16 @@ GROWTH_FLAT = 0.10  # a decode step "flat" in the context: speed within 10% of t
 
 
 def growth_verdict(growth: dict[str, Any]) -> str:
-    """Flat, or slower / faster at the longer context, by the median of the interleaved pairs."""
+    """Flat when the median of the interleaved pairs is within 10% of the reference's speed;
+    slower / faster only when the quartiles of the pairs sit on one side of 1."""
     change = growth["ratio"] - 1.0
     if abs(change) <= GROWTH_FLAT:
         return f"flat (within {GROWTH_FLAT:.0%})"
-    return f"{'slower' if change < 0 else 'faster'} by {abs(change):.0%}"
+    if growth.get("q3", growth["ratio"]) < 1.0:
+        return f"slower by {-change:.0%}"
+    if growth.get("q1", growth["ratio"]) > 1.0:
+        return f"faster by {change:.0%}"
+    return "not resolved (the quartiles span 1)"
 
 
 def _growth(rep: Report) -> None:
