@@ -264,6 +264,13 @@ def ours_decode(model: Any, task: dict[str, Any], device: torch.device) -> dict[
     return out
 
 
+def _pair_timing(task: dict[str, Any]) -> dict[str, Any]:
+    """`time_pair`'s stop rules from the bench config."""
+    b = _bench(task)
+    return {"warmup": b.warmup, "repeats": b.repeats, "min_seconds": b.min_seconds,
+            "max_repeats": b.max_repeats, "max_seconds": b.max_seconds}
+
+
 def _ratio_summary(ratios: list[float]) -> dict[str, float | int]:
     """Median, quartiles and extremes of per-pair ratios."""
     ratios = sorted(ratios)
@@ -284,12 +291,10 @@ def _decode_growth(model: Any, task: dict[str, Any], device: torch.device,
     reference = _bench(task).growth_reference
     if reference is None or task["context"] <= int(reference):
         return None
-    b = _bench(task)
     ref_setup, ref_step, *_ = _ours_decode_unit(model, {**task, "context": int(reference)},
                                                 device)
     mine, theirs = time_pair(step, ref_step, device, setup_a=setup, setup_b=ref_setup,
-                             warmup=b.warmup, repeats=b.repeats, min_seconds=b.min_seconds,
-                             max_repeats=b.max_repeats, max_seconds=b.max_seconds)
+                             **_pair_timing(task))
     ratios = [t_ref / t for t, t_ref in zip(mine.times, theirs.times, strict=True)]
     return {"reference_context": int(reference), **_ratio_summary(ratios)}
 
@@ -389,9 +394,7 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
     from archbench.evaluate.bench.measure import time_pair
 
     mode = task["mode"]
-    b = _bench(task)
-    kwargs = {"warmup": b.warmup, "repeats": b.repeats, "min_seconds": b.min_seconds,
-              "max_repeats": b.max_repeats, "max_seconds": b.max_seconds}
+    kwargs = _pair_timing(task)
     if mode == "train":
         forward = forward_of(ours, task, device)
         ours_step = _train_step(task, ours, lambda x, ctx: forward(x, ctx=ctx), device)
