@@ -72,6 +72,9 @@ class ShellConfig:
     # Dropout on the embedding output and on every sublayer's output before the residual add
     # (nanoGPT's embedding / residual dropout); 0 = off, the default of every backbone.
     dropout: float = 0.0
+    # The GEMM of every linear projection and the LM head: auto | onednn | aten (archs/kernels/
+    # linear.py). auto: oneDNN's on a CPU that has it, aten's (MKL / cuBLAS) elsewhere.
+    matmul: str = "auto"
 
 
 @dataclass
@@ -509,11 +512,13 @@ def validate_arch(arch: Any) -> None:
     """Shell settings, the pattern, every component's `kernels` choice (always: a typo there is
     caught even for an unused mixer), then the checks of each component the pattern uses."""
     from archbench.archs import registry
+    from archbench.archs.kernels.linear import MATMUL_PATHS
 
     require_choice("arch.norm", arch.norm, NORM_KINDS)
     if not 0.0 <= float(arch.dropout) < 1.0:
         raise ConfigError(f"arch.dropout={arch.dropout} is not allowed; it must be in [0, 1)")
     require_choice("arch.embed_init", arch.embed_init, tuple(registry.embed_inits()))
+    require_choice("arch.matmul", arch.matmul, ("auto", *MATMUL_PATHS))
     mixers, mlps = pattern_periods(arch)
     for key in ("d_model", "n_layers"):
         require_positive(f"arch.{key}", arch[key], allow_zero=True)

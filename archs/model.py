@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from archbench.archs import registry
-from archbench.archs.base import ForwardContext, LayerState, Sublayer
+from archbench.archs.base import ForwardContext, LayerState, Sublayer, require_kernels
+from archbench.archs.kernels.linear import onednn_missing, use_matmul_path
 from archbench.config import (
     ConfigError,
     arch_schema,
@@ -153,6 +154,7 @@ class LanguageModel(nn.Module):
         )
         self.final_norm = make_norm(arch, d)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        self.matmul_path = "aten"  # until resolve_kernels picks arch.matmul's path for a device
         self.activation_checkpointing = False
         # Whether every sublayer has a graph-friendly decode_step (base.Sublayer.decode_step).
         self.static_decode = all(s.has_static_decode() for s in self.sublayers())
@@ -303,7 +305,7 @@ class LanguageModel(nn.Module):
             for kind, sub in parts:
                 path = sub.decode_path if decoding and self.static_decode else sub.kernel_path
                 paths.setdefault(kind, set()).add(path)
-        return {k: ",".join(sorted(v)) for k, v in paths.items()}
+        return {**{k: ",".join(sorted(v)) for k, v in paths.items()}, "matmul": self.matmul_path}
 
     def param_counts(self) -> dict[str, int]:
         """total, embedding (token + position + untied head), non_embedding, and active ones.
@@ -377,9 +379,15 @@ def residual_std(arch: Any) -> float:
 
 
 def resolve_kernels(model: nn.Module, device: torch.device | str) -> dict[str, str]:
-    """Fix every sublayer's kernel path for `device` before any work; errors surface here."""
+    """Fix every sublayer's kernel path and the projections' GEMM (arch.matmul) for `device`
+    before any work; errors surface here."""
     device = torch.device(device)
     for module in model.modules():
         if isinstance(module, Sublayer):
             module.kernel_path = module.resolve_kernels(device)
-    return model.kernel_paths() if isinstance(model, LanguageModel) else {}
+    if not isinstance(model, LanguageModel):
+        return {}
+    available = {"onednn": onednn_missing(device), "aten": None}
+    model.matmul_path = require_kernels(model.arch.matmul, available, "arch.matmul")
+    use_matmul_path(model, model.matmul_path)
+    return model.kernel_paths()

@@ -389,9 +389,11 @@ def test_compile_axis_gives_eager_and_compiled_records_and_profile_files(tmp_pat
         ("decode", False), ("decode", True), ("memory", False)]
     eager, compiled, _ = records
     assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
-    assert eager["kernel_paths"] == {"attention": "matmul-softmax", "mlp:dense": "torch"}
+    assert eager["kernel_paths"] == {"attention": "matmul-softmax", "mlp:dense": "torch",
+                                     "matmul": "onednn"}
     assert compiled["kernel_paths"] == {"attention": "matmul-softmax+compiled",
-                                        "mlp:dense": "torch+compiled"}
+                                        "mlp:dense": "torch+compiled",
+                                        "matmul": "onednn+compiled"}
     assert eager["compile_s"] is None and compiled["compile_s"] > 0
     assert compiled["graph_breaks"] == 0 and compiled["compile_check"]["ok"]
     assert compiled["compile_check"]["max_logit_diff"] <= 1e-4 * compiled["compile_check"][

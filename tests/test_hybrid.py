@@ -120,7 +120,7 @@ def test_jamba_model_has_no_positions_and_reports_total_and_active() -> None:
     assert len(moe_layers) == 4
     per_expert = moe_layers[0].expert_params() // 16
     assert counts["total"] - counts["active"] == 4 * 14 * per_expert  # 14 of 16 experts idle
-    assert set(model.kernel_paths()) == {"mamba", "attention", "mlp:dense", "mlp:moe"}
+    assert set(model.kernel_paths()) == {"mamba", "attention", "mlp:dense", "mlp:moe", "matmul"}
 
 
 # ---- state size against context ------------------------------------------------------------------
