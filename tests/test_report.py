@@ -202,3 +202,23 @@ def test_compiled_bench_records_are_their_own_row_in_the_backbones_colour() -> N
     assert labels.styles("mamba compiled")["color"] == labels.styles("mamba")["color"]
     assert labels.ordered(["mamba compiled", "transformer", "mamba"]) == [
         "transformer", "mamba", "mamba compiled"]
+
+
+def test_projection_gemms_are_said_at_the_top(fixture: Path, tmp_path: Path) -> None:
+    """Records on oneDNN's projections get the note that mixers' own products stay on aten;
+    records whose projections ran on different GEMMs are flagged as not comparable in speed."""
+    onednn = _records_in(fixture / "bench" / "transformer")
+    assert {r["kernel_paths"]["matmul"].removesuffix("+compiled") for r in onednn} == {"onednn"}
+    report, _ = build_report([fixture / "bench" / "transformer"], tmp_path / "one")
+    text = report.read_text()
+    assert "projections and the LM head ran on oneDNN's GEMM" in text
+    assert "ran on different GEMMs" not in text
+    aten = _records_in(fixture / "bench" / "mamba")
+    for r in aten:
+        r["kernel_paths"]["matmul"] = "aten"
+    path = tmp_path / "aten.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in aten))
+    report, _ = build_report([path, fixture / "bench" / "transformer"], tmp_path / "two")
+    flag = next(line for line in report.read_text().splitlines()
+                if "ran on different GEMMs" in line)
+    assert "aten: mamba" in flag and "onednn: transformer" in flag

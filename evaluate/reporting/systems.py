@@ -498,16 +498,43 @@ def _no_kernel_choice(sublayer: str) -> bool:
 
 
 def kernel_flags(rep: Report) -> list[str]:
-    """Fairness rule 5: the same class of kernels across backbones, or the report says so."""
+    """Fairness rule 5: the same class of kernels across backbones, or the report says so; and
+    which GEMM the projections ran on (arch.matmul), which moves every backbone's speed."""
     classes: dict[str, set[str]] = defaultdict(set)
     for run in rep.col.runs:
         device = ((run.summary.get("provenance") or {}).get("device") or {}).get("type")
         for sub, path in (run.summary.get("kernel_paths") or {}).items():
-            if _no_kernel_choice(sub):
+            if sub == "matmul" or _no_kernel_choice(sub):
                 continue  # plain matmuls everywhere (dense MLPs, RWKV's channel mix)
             classes[kernel_class(path, device)].add(f"{run.label} {sub}={path}")
+    out = []
     if len(classes) > 1:
-        return ["kernel classes differ across backbones (fairness rule 5): reference "
-                + ", ".join(sorted(classes["reference"])) + "; fast "
-                + ", ".join(sorted(classes["fast"]))]
-    return []
+        out.append("kernel classes differ across backbones (fairness rule 5): reference "
+                   + ", ".join(sorted(classes["reference"])) + "; fast "
+                   + ", ".join(sorted(classes["fast"])))
+    return out + matmul_flags(rep)
+
+
+def matmul_flags(rep: Report) -> list[str]:
+    """Runs and benchmark records whose projections ran on different GEMMs are not comparable
+    in speed; oneDNN's projections beside aten's products inside the mixers favour backbones
+    whose time is in projections wherever the two libraries differ in speed."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    paths = [(run.label, run.summary.get("kernel_paths")) for run in rep.col.runs]
+    paths += [(rep.labels.of(r), r.get("kernel_paths")) for r in rep.col.records
+              if r.get("kind") == "bench" and r.get("status") == "ok"]
+    for label, kernels in paths:
+        path = (kernels or {}).get("matmul")
+        if path:
+            labels[str(path).removesuffix("+compiled")].add(label)
+    out = []
+    if len(labels) > 1:
+        out.append("the projections ran on different GEMMs (arch.matmul): " + "; ".join(
+            f"{path}: {', '.join(sorted(names))}" for path, names in sorted(labels.items()))
+            + ". Speeds across these groups compare GEMM libraries as much as backbones")
+    if "onednn" in labels:
+        out.append("projections and the LM head ran on oneDNN's GEMM (arch.matmul), the products "
+                   "inside the mixers (attention scores, chunked scans) on aten's (MKL): where "
+                   "the two differ in speed (oneDNN ~2x MKL on the AMD EPYC of reports/cpu-"
+                   "speed) backbones whose time is in projections gain most")
+    return out
