@@ -222,3 +222,18 @@ def test_projection_gemms_are_said_at_the_top(fixture: Path, tmp_path: Path) -> 
     flag = next(line for line in report.read_text().splitlines()
                 if "ran on different GEMMs" in line)
     assert "aten: mamba" in flag and "onednn: transformer" in flag
+
+
+def test_one_backbone_on_two_gemms_gets_two_rows() -> None:
+    """arch.matmul=aten beside the default: two measurements, never one median of both."""
+    records = [{"kind": "bench", "arch": "transformer", "size": "tiny", "compiled": flag,
+                "kernel_paths": {"matmul": path + ("+compiled" if flag else "")}}
+               for path in ("onednn", "aten") for flag in (False, True)]
+    records.append({"kind": "bench", "arch": "mamba", "size": "tiny", "compiled": False,
+                    "kernel_paths": {"matmul": "onednn"}})
+    labels = Labels(Collection(runs=[], records=records))
+    assert [labels.of(r) for r in records] == [
+        "transformer (matmul=onednn)", "transformer (matmul=onednn) compiled",
+        "transformer (matmul=aten)", "transformer (matmul=aten) compiled", "mamba"]
+    assert labels.ordered(["mamba", "transformer (matmul=aten)"]) == [
+        "transformer (matmul=aten)", "mamba"]

@@ -223,6 +223,12 @@ def setting(run: Run) -> dict[str, Any]:
     return flat
 
 
+def _matmul(rec: dict[str, Any]) -> str:
+    """The projections' GEMM a benchmark record ran on (arch.matmul), "+compiled" dropped."""
+    path = (rec.get("kernel_paths") or {}).get("matmul")
+    return str(path).removesuffix("+compiled") if path else "?"
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float) and value >= 1000:
         return plots.human_tick(value)
@@ -246,11 +252,18 @@ class Labels:
         for run in col.runs:
             run.label = self(run.arch, run.size)
         self._split_by_setting(col.runs)
+        # Benchmarks of one backbone on different projection GEMMs (arch.matmul) are different
+        # measurements: each gets its own row, never a median with the other.
+        gemms: dict[str, set[str]] = defaultdict(set)
+        for rec in col.records:
+            if rec.get("kind") == "bench":
+                gemms[arch_name(rec.get("arch")) or "?"].add(_matmul(rec))
+        self.split_gemm = {arch for arch, paths in gemms.items() if len(paths) > 1}
         self.by_run: dict[str, str] = {str(run.path.resolve()): run.label for run in col.runs}
         pairs = [(self(a, s), a) for a, sizes in self.sizes.items() for s in sizes]
         pairs += [(run.label, run.arch) for run in col.runs]
         pairs += [(self.of(r), arch_name(r.get("arch"))) for r in col.records
-                  if r.get("kind") == "bench" and r.get("compiled")]
+                  if r.get("kind") == "bench"]
         self.styles = plots.Styles(pairs)
 
     @staticmethod
@@ -288,7 +301,10 @@ class Labels:
             label = self.by_run.get(str(run_dir.resolve()))
             if label is not None:
                 return label
-        label = self(arch_name(rec.get("arch")), record_size(rec))
+        arch = arch_name(rec.get("arch"))
+        label = self(arch, record_size(rec))
+        if rec.get("kind") == "bench" and arch in self.split_gemm:
+            label = f"{label} (matmul={_matmul(rec)})"
         # A measurement under torch.compile (bench.compile) is its own row and line.
         return f"{label} compiled" if rec.get("kind") == "bench" and rec.get("compiled") else label
 
@@ -296,7 +312,7 @@ class Labels:
     def rank(label: str) -> tuple[int, str]:
         """Sort key: known backbones in the canonical order, then the rest alphabetically."""
         order = list(plots.KNOWN_COLOURS)
-        base = label.split("/")[0].removesuffix(" compiled")
+        base = label.split("/")[0].removesuffix(" compiled").split(" (matmul=")[0]
         return (order.index(base) if base in order else len(order), label)
 
     def ordered(self, labels: Iterable[str]) -> list[str]:
