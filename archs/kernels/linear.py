@@ -124,14 +124,11 @@ class PathLinear(nn.Linear):
         return linear(x, self.weight, self.bias, self.matmul_path)
 
 
-def use_matmul_path(model: nn.Module, path: str) -> int:
+def use_matmul_path(model: nn.Module, path: str) -> None:
     """Set every nn.Linear of `model` to `path` (the class changes in place, as
-    torch.nn.utils.parametrize does); returns how many projections it set."""
-    count = 0
+    torch.nn.utils.parametrize does)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PathLinear
         if isinstance(module, PathLinear):
             module.matmul_path = path
-            count += 1
-    return count

@@ -223,8 +223,9 @@ def setting(run: Run) -> dict[str, Any]:
     return flat
 
 
-def _matmul(rec: dict[str, Any]) -> str:
-    """The projections' GEMM a benchmark record ran on (arch.matmul), "+compiled" dropped."""
+def matmul_of(rec: dict[str, Any]) -> str:
+    """The projections' GEMM (arch.matmul, "+compiled" dropped) a record or a run summary names
+    in its kernel paths; "?" for one made before the setting existed."""
     path = (rec.get("kernel_paths") or {}).get("matmul")
     return str(path).removesuffix("+compiled") if path else "?"
 
@@ -257,7 +258,7 @@ class Labels:
         gemms: dict[str, set[str]] = defaultdict(set)
         for rec in col.records:
             if rec.get("kind") == "bench":
-                gemms[arch_name(rec.get("arch")) or "?"].add(_matmul(rec))
+                gemms[arch_name(rec.get("arch")) or "?"].add(matmul_of(rec))
         self.split_gemm = {arch for arch, paths in gemms.items() if len(paths) > 1}
         self.by_run: dict[str, str] = {str(run.path.resolve()): run.label for run in col.runs}
         pairs = [(self(a, s), a) for a, sizes in self.sizes.items() for s in sizes]
@@ -304,7 +305,7 @@ class Labels:
         arch = arch_name(rec.get("arch"))
         label = self(arch, record_size(rec))
         if rec.get("kind") == "bench" and arch in self.split_gemm:
-            label = f"{label} (matmul={_matmul(rec)})"
+            label = f"{label} (matmul={matmul_of(rec)})"
         # A measurement under torch.compile (bench.compile) is its own row and line.
         return f"{label} compiled" if rec.get("kind") == "bench" and rec.get("compiled") else label
 

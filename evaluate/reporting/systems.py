@@ -21,6 +21,7 @@ from archbench.evaluate.reporting.data import (
     context,
     human,
     human_bytes,
+    matmul_of,
     md_table,
     mean_spread,
     params_key,
@@ -524,13 +525,12 @@ def matmul_flags(rep: Report) -> list[str]:
     in speed; oneDNN's projections beside aten's products inside the mixers favour backbones
     whose time is in projections wherever the two libraries differ in speed."""
     labels: dict[str, set[str]] = defaultdict(set)
-    paths = [(run.label, run.summary.get("kernel_paths")) for run in rep.col.runs]
-    paths += [(rep.labels.of(r), r.get("kernel_paths")) for r in rep.col.records
-              if r.get("kind") == "bench" and r.get("status") == "ok"]
-    for label, kernels in paths:
-        path = (kernels or {}).get("matmul")
-        if path:
-            labels[str(path).removesuffix("+compiled")].add(label)
+    sources = [(run.label, run.summary) for run in rep.col.runs]
+    sources += [(rep.labels.of(r), r) for r in rep.col.records
+                if r.get("kind") == "bench" and r.get("status") == "ok"]
+    for label, source in sources:
+        labels[matmul_of(source)].add(label)
+    labels.pop("?", None)  # made before arch.matmul existed: the record cannot say
     out = []
     if len(labels) > 1:
         out.append("the projections ran on different GEMMs (arch.matmul): " + "; ".join(
