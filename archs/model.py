@@ -159,6 +159,9 @@ class LanguageModel(nn.Module):
         # Whether every sublayer has a graph-friendly decode_step (base.Sublayer.decode_step).
         self.static_decode = all(s.has_static_decode() for s in self.sublayers())
         self._compiled_step: Any = None  # set by compile_decoding
+        self.decode_frozen = False  # whether the compiled decode step has the weights frozen in
+        self._frozen_weights: tuple[tuple[int, int, int], ...] | None = None
+        self._autotune_gemms = True
         self._init_shell()
 
     def _init_shell(self) -> None:
@@ -244,14 +247,12 @@ class LanguageModel(nn.Module):
                              f"{self.pos_embed.num_embeddings} of learned positions")
         if not self.static_decode:
             return self(tokens.reshape(-1, 1), cache)[:, -1]
-        step = self._compiled_step or self.decode_body
-        if self._compiled_step is not None and cache.position_tensor().is_cuda \
-                and not cache.extra.get("static_addresses"):
-            from archbench.archs.compiling import mark_cache_static
-
-            mark_cache_static(cache)  # CUDA graphs then update the buffers in place
-            cache.extra["static_addresses"] = True
-        logits = step(tokens.reshape(-1), cache.states, cache.position_tensor())
+        if self._compiled_step is not None and cache.extra.get("compiled_step") \
+                is not self._compiled_step:
+            logits = self._first_compiled_step(tokens.reshape(-1), cache)
+        else:
+            step = self._compiled_step or self.decode_body
+            logits = step(tokens.reshape(-1), cache.states, cache.position_tensor())
         cache.advance(1)
         return logits
 
@@ -271,19 +272,55 @@ class LanguageModel(nn.Module):
                 x = x + block.mlp.decode_step(block.mlp_norm(x), mlp_state, position, ctx)
         return self.lm_head(self.final_norm(x))
 
-    def compile_decoding(self, mode: str | None = None) -> None:
+    def compile_decoding(self, frozen: bool | None = None, autotune_gemms: bool = True
+                         ) -> None:
         """Compile `decode_body` with static shapes: one graph per (batch, cache length, dtype),
-        reused at every position. `mode` None picks "reduce-overhead" (CUDA graphs) on CUDA and
-        inductor's default elsewhere. Decode under `torch.no_grad()`, with the cache made there:
-        under `torch.inference_mode()` AOTAutograd builds a graph that copies every cache buffer
-        whole at each step instead of writing the new row in place."""
+        reused at every position; "reduce-overhead" (CUDA graphs) on CUDA. `frozen` (None: on
+        CPU only) freezes the weights into the graph, whose GEMMs are then autotuned unless
+        `autotune_gemms` is False (archs/compiling.py); the first step of each cache compiles
+        again if the weights changed since. Decode under `torch.no_grad()`, with the cache made
+        there: under `torch.inference_mode()` AOTAutograd builds a graph that copies every cache
+        buffer whole at each step instead of writing the new row in place, and freezes
+        nothing."""
+        from archbench.archs.compiling import compile_decode_step, freezes_decoding
+
         if not self.static_decode:
             missing = sorted({type(s).__name__ for s in self.sublayers()
                               if not s.has_static_decode()})
             raise ValueError(f"cannot compile decoding: {missing} have no static decode_step")
-        if mode is None:
-            mode = "reduce-overhead" if self.embed.weight.is_cuda else "default"
-        self._compiled_step = torch.compile(self.decode_body, mode=mode, dynamic=False)
+        device = self.embed.weight.device
+        self.decode_frozen = freezes_decoding(device) if frozen is None else bool(frozen)
+        self._frozen_weights = self._weights_signature() if self.decode_frozen else None
+        self._autotune_gemms = autotune_gemms
+        self._compiled_step = compile_decode_step(self.decode_body, device, self.decode_frozen,
+                                                  autotune_gemms)
+
+    def _weights_signature(self) -> tuple[tuple[int, int, int], ...]:
+        """Identity, address and version counter of every parameter and buffer: any optimizer
+        step, load_state_dict or reassignment changes it (in-place writes through `.data`, which
+        bypass the version counter, do not; nor do writes to inference tensors, which have no
+        counter: weights made under `torch.inference_mode`)."""
+        return tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                     for t in (*self.parameters(), *self.buffers()))
+
+    def _first_compiled_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """The first compiled step of a cache, where a new (batch, cache length, dtype) is
+        traced: a frozen step whose weights changed since it was compiled is compiled again
+        (reading ~100 version counters costs ~20 us, too much for every step), the trace runs
+        under inductor's `freezing` flag (dynamo reads it while tracing: without it the weights
+        are graph inputs and nothing is frozen), and a CUDA cache's buffers are marked static
+        so that CUDA graphs update them in place. A trace at a later step (not expected) would
+        read the weights as inputs: slower, never stale."""
+        from archbench.archs.compiling import freezing, mark_cache_static
+
+        if self.decode_frozen and self._weights_signature() != self._frozen_weights:
+            self.compile_decoding(frozen=True, autotune_gemms=self._autotune_gemms)
+        if cache.position_tensor().is_cuda:
+            mark_cache_static(cache)
+        with freezing(self.decode_frozen):
+            logits = self._compiled_step(tokens, cache.states, cache.position_tensor())
+        cache.extra["compiled_step"] = self._compiled_step
+        return logits
 
     # ---- accounting ----------------------------------------------------------------------------
     def sublayers(self) -> list[Sublayer]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import make_config
 
+from archbench.archs.compiling import FROZEN_DECODE
 from archbench.archs.model import LanguageModel
 from archbench.config import ConfigError
 from archbench.evaluate.bench import flops, runner
@@ -379,8 +380,9 @@ def test_cuda_graph_decoding_checks_exact_and_is_used(tmp_path: Path, arch: str)
 
 def test_compile_axis_gives_eager_and_compiled_records_and_profile_files(tmp_path: Path) -> None:
     """bench.compile=[false,true]: one record per value for decode (memory once), the compiled
-    one with "+compiled" kernel paths, its compile time apart, no graph breaks, its decoding
-    checked against eager; bench.profile writes a trace and a top-operators table for each."""
+    one with "+compiled" kernel paths (on CPU with its weights frozen), its compile time apart,
+    no graph breaks, its decoding checked against eager; bench.profile writes a trace and a
+    top-operators table for each."""
     cfg = bench_config(tmp_path, "transformer", "bench.isolate=false",
                        "bench.modes=[decode,memory]", "bench.contexts=[16]",
                        "bench.compile=[false,true]", "bench.profile=true")
@@ -393,7 +395,8 @@ def test_compile_axis_gives_eager_and_compiled_records_and_profile_files(tmp_pat
                                      "matmul": "onednn"}
     assert compiled["kernel_paths"] == {"attention": "matmul-softmax+compiled",
                                         "mlp:dense": "torch+compiled",
-                                        "matmul": "onednn+compiled"}
+                                        "matmul": "onednn+compiled",
+                                        "decode_graph": FROZEN_DECODE}
     assert eager["compile_s"] is None and compiled["compile_s"] > 0
     assert compiled["graph_breaks"] == 0 and compiled["compile_check"]["ok"]
     assert compiled["compile_check"]["max_logit_diff"] <= 1e-4 * compiled["compile_check"][

@@ -166,7 +166,7 @@ def test_training_recompiles_once_per_new_length_and_never_per_step() -> None:
         assert backend.graphs == expected, f"length {length}: {backend.graphs} graphs"
 
 
-def _compiled_matches_eager(mixers: list[str]) -> None:
+def _compiled_matches_eager(mixers: list[str], autotune_gemms: bool = True) -> None:
     model = tiny_model(mixers, mlp="dense").eval()
     seq = tokens(2, 21)
     eager_cache, compiled_cache = prefilled(model), prefilled(model)
@@ -174,7 +174,7 @@ def _compiled_matches_eager(mixers: list[str]) -> None:
         eager_full = model(seq)
         eager_steps = [model.decode_step(seq[:, i], eager_cache) for i in range(4)]
         compiled_full = torch.compile(model, dynamic=False)(seq)
-        model.compile_decoding()
+        model.compile_decoding(autotune_gemms=autotune_gemms)
         compiled_steps = [model.decode_step(seq[:, i], compiled_cache) for i in range(4)]
     torch.testing.assert_close(compiled_full, eager_full, **COMPILED)
     torch.testing.assert_close(torch.stack(compiled_steps), torch.stack(eager_steps), **COMPILED)
@@ -192,10 +192,80 @@ def test_inductor_matches_eager_with_every_mixer_in_one_model() -> None:
     _compiled_matches_eager(list(MIXERS))
 
 
+def decoded(model: LanguageModel, seq: torch.Tensor) -> torch.Tensor:
+    """Logits of decoding `seq` token by token from a fresh prefilled cache."""
+    cache = prefilled(model)
+    return torch.stack([model.decode_step(seq[:, i], cache) for i in range(seq.shape[1])])
+
+
+def eager_decoded(model: LanguageModel, seq: torch.Tensor) -> torch.Tensor:
+    """`decoded` with the model's compiled step set aside."""
+    compiled, model._compiled_step = model._compiled_step, None
+    try:
+        return decoded(model, seq)
+    finally:
+        model._compiled_step = compiled
+
+
+def test_frozen_decode_steps_of_two_models_of_one_architecture_keep_their_own_weights() -> None:
+    """A frozen graph holds its weights as constants and dynamo guards them by identity, not
+    value: each model compiles its own copy of the step (archs/compiling.py), so the second
+    model of the same layers never decodes with the first one's weights."""
+    first, second = (tiny_model(["attention", "mamba"], mlp="dense", seed=s).eval()
+                     for s in (0, 1))
+    seq = tokens(2, 3)
+    with torch.no_grad():
+        eager = [decoded(m, seq) for m in (first, second)]
+        for model in (first, second):
+            model.compile_decoding(autotune_gemms=False)  # GEMM choice: tested above
+        compiled = [decoded(m, seq) for m in (first, second)]
+    assert first.decode_frozen and second.decode_frozen  # the CPU default
+    assert float((eager[0] - eager[1]).abs().max()) > 1e-2  # the two models are told apart
+    for eager_logits, compiled_logits in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(compiled_logits, eager_logits, **COMPILED)
+
+
+def test_frozen_decode_step_follows_the_weights_after_training_and_loading() -> None:
+    """An optimizer step, then load_state_dict of the old weights: the next cache's first step
+    compiles again and decodes with the weights the model holds now, as eager decoding does."""
+    model = tiny_model(["attention", "mamba"], mlp="dense").eval()
+    seq = tokens(2, 3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = decoded(model, seq)
+        model.compile_decoding(autotune_gemms=False)
+        torch.testing.assert_close(decoded(model, seq), before, **COMPILED)
+    batch = tokens(2, 9, seed=5)
+    lm_loss(model(batch[:, :-1]), batch[:, 1:]).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        trained, trained_eager = decoded(model, seq), eager_decoded(model, seq)
+        assert float((trained_eager - before).abs().max()) > 1e-2  # the step moved the logits
+        torch.testing.assert_close(trained, trained_eager, **COMPILED)
+        model.load_state_dict(saved)
+        torch.testing.assert_close(decoded(model, seq), before, **COMPILED)
+
+
+def test_decoding_can_be_compiled_without_freezing() -> None:
+    """compile_decoding(frozen=False) reads the weights as graph inputs: an in-place change is
+    decoded at once by the same compiled step, with no recompilation."""
+    model = tiny_model(["attention", "mamba"], mlp="dense").eval()
+    seq = tokens(2, 3)
+    with torch.no_grad():
+        model.compile_decoding(frozen=False)
+        step = model._compiled_step
+        torch.testing.assert_close(decoded(model, seq), eager_decoded(model, seq), **COMPILED)
+        model.lm_head.weight.mul_(2.0)
+        torch.testing.assert_close(decoded(model, seq), eager_decoded(model, seq), **COMPILED)
+    assert not model.decode_frozen and model._compiled_step is step
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_inductor_matches_eager_per_mixer(mixer: str) -> None:
-    _compiled_matches_eager([mixer])
+    """Per mixer, the decode step frozen without the GEMM autotuning (seconds per shape; the
+    test above runs it for every mixer at once)."""
+    _compiled_matches_eager([mixer], autotune_gemms=False)
 
 
 class GraphKeeper(CountingBackend):

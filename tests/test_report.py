@@ -206,13 +206,14 @@ def test_compiled_bench_records_are_their_own_row_in_the_backbones_colour() -> N
 
 def test_projection_gemms_are_said_at_the_top(fixture: Path, tmp_path: Path) -> None:
     """Records on oneDNN's projections get the note that mixers' own products stay on aten;
-    records whose projections ran on different GEMMs are flagged as not comparable in speed."""
+    records whose projections ran on different GEMMs are flagged as not comparable in speed;
+    compiled decoding with frozen weights and autotuned GEMMs is said."""
     onednn = _records_in(fixture / "bench" / "transformer")
     assert {r["kernel_paths"]["matmul"].removesuffix("+compiled") for r in onednn} == {"onednn"}
     report, _ = build_report([fixture / "bench" / "transformer"], tmp_path / "one")
     text = report.read_text()
     assert "projections and the LM head ran on oneDNN's GEMM" in text
-    assert "ran on different GEMMs" not in text
+    assert "ran on different GEMMs" not in text and "weights frozen" not in text
     aten = _records_in(fixture / "bench" / "mamba")
     for r in aten:
         r["kernel_paths"]["matmul"] = "aten"
@@ -222,6 +223,13 @@ def test_projection_gemms_are_said_at_the_top(fixture: Path, tmp_path: Path) -> 
     flag = next(line for line in report.read_text().splitlines()
                 if "ran on different GEMMs" in line)
     assert "aten: mamba" in flag and "onednn: transformer" in flag
+    frozen = _records_in(fixture / "bench" / "transformer")
+    frozen[0]["kernel_paths"]["decode_graph"] = "frozen weights"
+    path = tmp_path / "frozen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in frozen))
+    report, _ = build_report([path], tmp_path / "frozen")
+    note = next(line for line in report.read_text().splitlines() if "weights frozen" in line)
+    assert "GEMMs autotuned" in note and "transformer" in note
 
 
 def test_one_backbone_on_two_gemms_gets_two_rows() -> None:

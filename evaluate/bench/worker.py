@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from archbench.archs import registry
+from archbench.archs.compiling import FROZEN_DECODE, freezes_decoding
 from archbench.device import DTYPES
 from archbench.evaluate.bench.compiled import (
     compile_decoder,
@@ -450,6 +451,8 @@ def _describe(model: Any, task: dict[str, Any]) -> dict[str, Any]:
     paths = model.kernel_paths(decoding=task["mode"] == "decode")
     if wants_compile(task) and task["mode"] in OURS_COMPILED_MODES:
         paths = {kind: f"{path}+compiled" for kind, path in paths.items()}
+        if task["mode"] == "decode" and freezes_decoding(task["device"]):
+            paths["decode_graph"] = FROZEN_DECODE  # LanguageModel.compile_decoding's default
     return {"params": model.param_counts(), "kernel_paths": paths,
             "weight_bytes": model.weight_bytes(weights)}
 

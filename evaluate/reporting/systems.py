@@ -523,7 +523,8 @@ def kernel_flags(rep: Report) -> list[str]:
 def matmul_flags(rep: Report) -> list[str]:
     """Runs and benchmark records whose projections ran on different GEMMs are not comparable
     in speed; oneDNN's projections beside aten's products inside the mixers favour backbones
-    whose time is in projections wherever the two libraries differ in speed."""
+    whose time is in projections wherever the two libraries differ in speed; a compiled decode
+    step with frozen weights picks its own GEMMs."""
     labels: dict[str, set[str]] = defaultdict(set)
     sources = [(run.label, run.summary) for run in rep.col.runs]
     sources += [(rep.labels.of(r), r) for r in rep.col.records
@@ -541,4 +542,11 @@ def matmul_flags(rep: Report) -> list[str]:
                    "inside the mixers (attention scores, chunked scans) on aten's (MKL): where "
                    "the two differ in speed (oneDNN ~2x MKL on the AMD EPYC of reports/cpu-"
                    "speed) backbones whose time is in projections gain most")
+    frozen = sorted({rep.labels.of(r) for r in rep.col.records
+                     if (r.get("kernel_paths") or {}).get("decode_graph")})
+    if frozen:
+        out.append("compiled decoding ran with the weights frozen into the graph and its GEMMs "
+                   "autotuned (inductor's C++ template or aten's, whichever was faster at "
+                   "compile time; archs/compiling.py): " + ", ".join(frozen) + ". The peers "
+                   "decode eagerly")
     return out
