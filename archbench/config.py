@@ -238,6 +238,10 @@ class BenchConfig:
     # process (record field `growth`): a step's cost against the context, free of the drift
     # that separate measurements carry. None: not measured.
     growth_reference: int | None = None
+    # Other backbones (names of conf/arch/*.yaml, at their defaults) timed against this one at
+    # the same size, call by call in one process (record field `rivals`): e.g. RWKV-7 against
+    # Mamba-1 per token, free of the drift between separate records.
+    rivals: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from archbench.config import ConfigError
 from archbench.evaluate.bench import flops, runner
 from archbench.evaluate.bench.devices import peak_tflops
 from archbench.evaluate.bench.measure import is_oom, restore_cache, snapshot_cache, time_pair
+from archbench.evaluate.reporting.build import build_report
 from archbench.io import read_jsonl
 
 VOCAB = 258  # the byte tokenizer: 256 bytes + eos + pad
@@ -409,6 +410,42 @@ def test_compile_axis_gives_eager_and_compiled_records_and_profile_files(tmp_pat
     with open(tmp_path / "bench.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["compiled"] for row in rows] == ["False", "True", "False"]
+
+
+def test_rivals_time_another_backbone_of_the_same_size_in_alternation(tmp_path: Path) -> None:
+    """bench.rivals=[mamba] on RWKV-7: each train / decode record holds the two timed call by
+    call in one process, the rival solved from its own conf/arch defaults to the same size; the
+    memory record, which times nothing, holds none."""
+    cfg = make_config("arch=rwkv7", "size=micro", f"out_dir={tmp_path}", "bench=cpu_smoke",
+                      "bench.repeats=3", "bench.warmup=0", "bench.min_seconds=0",
+                      "bench.decode_tokens=2", "bench.threads=1", "bench.isolate=false",
+                      "bench.modes=[train,decode,memory]", "bench.contexts=[16]",
+                      "bench.rivals=[mamba]")
+    records = runner.run_bench(cfg)
+    assert [r["mode"] for r in records] == ["train", "decode", "memory"]
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    for rec in records[:2]:
+        rival = rec["rivals"]["mamba"]
+        assert rival["status"] == "ok" and rival["n"] == 3, rival
+        assert rival["min"] <= rival["q1"] <= rival["ratio"] <= rival["q3"] <= rival["max"]
+        assert rival["ours_tokens_per_s"] > 0 and rival["rival_tokens_per_s"] > 0
+        assert rival["params"]["active"] == pytest.approx(
+            rec["params"]["active"], rel=2 * cfg.size.tolerance)  # both solved to size=micro
+    assert records[2]["rivals"] is None
+    report, _ = build_report([tmp_path], tmp_path / "report")
+    # rows are sorted by mode: decode, then train
+    rows = [line for line in report.read_text().splitlines()
+            if line.startswith("| **rwkv7**") and "| mamba |" in line]
+    assert len(rows) == 2 and f"| {records[1]['rivals']['mamba']['ratio']:.2f} |" in rows[0]
+
+
+@pytest.mark.parametrize("rival", ["rwkv8", "rwkv7"])
+def test_a_rival_that_is_not_another_backbone_is_refused_before_any_work(
+        tmp_path: Path, rival: str) -> None:
+    cfg = bench_config(tmp_path, "rwkv7", f"bench.rivals=[{rival}]")
+    with pytest.raises(ConfigError, match=f"bench.rivals: '{rival}' is not allowed"):
+        runner.run_bench(cfg)
+    assert not (tmp_path / "records.jsonl").exists()
 
 
 def test_an_empty_compile_axis_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -102,6 +102,12 @@ does not apply to the mode; the CSV holds the scalar ones):
                     {"reference_context": R, "ratio" (median over pairs of t_R / t_context: the
                     speed at this context relative to R; 1 = flat), "q1", "q3", "min", "max",
                     "n"}; None otherwise (eager timing; compiled when the record is)
+  rivals            with bench.rivals: {name: {"ratio" (median over pairs of t_rival / t_ours:
+                    our speed over the rival's; > 1: ours is faster), "q1", "q3", "min", "max",
+                    "n", "ours_tokens_per_s", "rival_tokens_per_s", "d_model", "n_layers",
+                    "params", "status", "error"}}: the rival backbone (conf/arch/<name>.yaml at
+                    its defaults, solved to the same size) timed with the same unit in
+                    alternation in one process; None without bench.rivals
   provenance        archbench.provenance.provenance(device): git, versions, device, command
   config            the resolved config
 """
@@ -136,7 +142,7 @@ RECORD_KEYS = (
     "eager_median_s", "eager_tokens_per_s", "graph_capture_s", "kernel_paths", "params",
     "threads", "isolated", "probe", "probes", "first_failed_context", "limit",
     "rss_budget_bytes", "peer", "provenance", "config", "compiled", "compile_s",
-    "graph_breaks", "graphs", "reasons", "compile_check", "profile", "growth",
+    "graph_breaks", "graphs", "reasons", "compile_check", "profile", "growth", "rivals",
 )
 
 CSV_COLUMNS = (
@@ -209,6 +215,8 @@ class Bench:
         self.dtype = dtype_name(self.bench.dtype, self.device, "bench.dtype")
         self.vocab_size, vocab_note = vocab_size_of(cfg.tokenizer)
         self.arch, self.fit = solve_size(cfg.arch, cfg.size, self.vocab_size)
+        self.rivals = {name: rival_arch(name, cfg, self.vocab_size)
+                       for name in self.bench.get("rivals") or []}
         self.notes = [vocab_note] if vocab_note else []
         self.provenance = provenance(self.device)
         self.config = to_container(cfg)
@@ -307,6 +315,18 @@ class Bench:
                              f"{pair.get('error')}; ratio from the separate measurements")
         return peer, notes
 
+    def rival_of(self, name: str, mode: str, context: int, batch: int, compiled: bool
+                 ) -> dict[str, Any]:
+        """One entry of a record's `rivals`: ours and the rival timed in alternation."""
+        arch, fit = self.rivals[name]
+        task = self.task(mode, context, batch, which="rival", compiled=compiled)
+        task["rival"] = {"name": name, "arch": OmegaConf.to_container(arch, resolve=True)}
+        result = self.measure(task)
+        return {**(result.get("paired") or {}), "status": result["status"],
+                "error": result.get("error"), "d_model": int(arch.d_model),
+                "n_layers": int(arch.n_layers), "size_fit": fit.as_dict(),
+                "params": result.get("rival_params")}
+
     # ---- the sweep -----------------------------------------------------------------------------
     def grid(self, mode: str) -> tuple[list[int], list[int]]:
         """(contexts, batch sizes) of `mode`: bench.contexts / bench.batch_sizes unless
@@ -346,6 +366,9 @@ class Bench:
                 result.setdefault("notes", []).extend(notes)
             elif self.bench.peers and mode not in PEER_MODES:
                 result.setdefault("notes", []).append(f"no peer measurement in {mode} mode")
+            if self.rivals and mode in PEER_MODES and result["status"] == "ok":
+                result["rivals"] = {name: self.rival_of(name, mode, context, batch, compiled)
+                                    for name in self.rivals}
             result.setdefault("compiled", compiled)
             self.record(mode, context, batch, result, peer)
             if result["status"] == "oom":
@@ -395,6 +418,28 @@ class Bench:
                     result["notes"].append(f"a probe failed with an error: {errors[0]['error']}")
                 self.record("max_context", best, batch, result)
                 _progress(self.records[-1])
+
+
+def rival_arch(name: str, cfg: DictConfig, vocab_size: int) -> tuple[Any, Any]:
+    """The arch of bench.rivals' `name`: conf/arch/<name>.yaml over the schema's defaults,
+    validated and solved to `cfg`'s size (the command line's arch.* overrides are this
+    backbone's, not the rival's)."""
+    from importlib import resources
+
+    from archbench.archs.sizing import solve_size
+    from archbench.config import arch_schema, validate_arch
+
+    folder = resources.files("archbench.conf") / "arch"
+    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
+                   if p.name.endswith(".yaml"))
+    if name not in names or name == cfg.arch.name:
+        raise ConfigError(f"bench.rivals: {name!r} is not allowed; choose from "
+                          f"{[n for n in names if n != cfg.arch.name]} (conf/arch/, not the "
+                          "backbone itself)")
+    arch = OmegaConf.merge(OmegaConf.structured(arch_schema()),
+                           OmegaConf.create((folder / f"{name}.yaml").read_text()))
+    validate_arch(arch)
+    return solve_size(arch, cfg.size, vocab_size)
 
 
 def search_max_context(probe: Any, start: int, limit: int, step: int

@@ -396,17 +396,11 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
 
     mode = task["mode"]
     kwargs = _pair_timing(task)
+    ours_setup, ours_step = _ours_timed_unit(ours, task, device)
     if mode == "train":
-        forward = forward_of(ours, task, device)
-        ours_step = _train_step(task, ours, lambda x, ctx: forward(x, ctx=ctx), device)
         peer_step = _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device)
         mine, theirs = time_pair(ours_step, peer_step, device, **kwargs)
     else:
-        with inference_context(task):
-            if mode == "prefill":
-                ours_setup, ours_step, _ = _ours_prefill_unit(ours, task, device)
-            else:
-                ours_setup, ours_step, *_ = _ours_decode_unit(ours, task, device)
         with torch.inference_mode():
             peer_setup, peer_step = _peer_unit(peer, task, device)
         ours_mode = functools.partial(inference_context, task)
@@ -419,6 +413,45 @@ def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
     return {"paired": {**_ratio_summary(ratios),
                        "ours_tokens_per_s": tokens / mine.median,
                        "peer_tokens_per_s": tokens / theirs.median}}
+
+
+def _ours_timed_unit(model: Any, task: dict[str, Any], device: torch.device
+                     ) -> tuple[Callable[[], Any] | None, Callable[[], Any]]:
+    """(setup, step) of the unit `task` times for one of our models (no-autograd units are
+    built, and must run, under `inference_context(task)`)."""
+    if task["mode"] == "train":
+        forward = forward_of(model, task, device)
+        return None, _train_step(task, model, lambda x, ctx: forward(x, ctx=ctx), device)
+    with inference_context(task):
+        if task["mode"] == "prefill":
+            setup, step, _ = _ours_prefill_unit(model, task, device)
+        else:
+            setup, step, *_ = _ours_decode_unit(model, task, device)
+    return setup, step
+
+
+def rival_run(ours: Any, rival: Any, task: dict[str, Any], device: torch.device
+              ) -> dict[str, Any]:
+    """This backbone against another of ours (bench.rivals) at the same size, the same unit
+    timed call by call in alternation in one process; per pair, ratio = t_rival / t_ours (our
+    speed over the rival's, same tokens). Separate records of two backbones carry the machine's
+    drift between them (up to 3x between sessions on a shared VM); adjacent pairs cancel it."""
+    from archbench.evaluate.bench.measure import time_pair
+
+    ours_setup, ours_step = _ours_timed_unit(ours, task, device)
+    rival_setup, rival_step = _ours_timed_unit(rival, task, device)
+    if task["mode"] == "train":
+        mine, theirs = time_pair(ours_step, rival_step, device, **_pair_timing(task))
+    else:
+        context = functools.partial(inference_context, task)
+        mine, theirs = time_pair(
+            _under(context, ours_step), _under(context, rival_step), device,
+            setup_a=_under(context, ours_setup), setup_b=_under(context, rival_setup),
+            **_pair_timing(task))
+    ratios = [tr / to for to, tr in zip(mine.times, theirs.times, strict=True)]
+    tokens = _units_tokens(task)
+    return {"paired": {**_ratio_summary(ratios), "ours_tokens_per_s": tokens / mine.median,
+                       "rival_tokens_per_s": tokens / theirs.median}}
 
 
 # ---- one measurement --------------------------------------------------------------------------
@@ -502,6 +535,11 @@ def execute(task: dict[str, Any], send: Callable[[dict[str, Any]], None] | None 
                 send(dict(out))
             run = paired_run if task["which"] == "pair" else peer_run
             out.update(run(peer, model, task, device))
+        elif task["which"] == "rival":
+            model = _build_ours(task, device, meta=False)
+            peer = _build_ours({**task, "arch": task["rival"]["arch"]}, device, meta=False)
+            out["rival_params"] = peer.param_counts()
+            out.update(rival_run(model, peer, task, device))
         else:
             model = _build_ours(task, device, meta=False)
             out.update(_describe(model, task))

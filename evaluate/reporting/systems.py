@@ -150,6 +150,7 @@ def section_efficiency(rep: Report) -> bool:
     _memory(rep)
     _max_context(rep)
     _peers(rep)
+    _rivals(rep)
     _growth(rep)
     return True
 
@@ -351,19 +352,52 @@ def _peers(rep: Report) -> None:
 GROWTH_FLAT = 0.10  # a decode step "flat" in the context: speed within 10% of the reference's
 
 
-def growth_verdict(growth: dict[str, Any]) -> str:
-    """Flat when the median of the interleaved pairs is within 10% of the reference's speed;
+def pairs_verdict(pairs: dict[str, Any], even: str = "flat") -> str:
+    """A speed ratio of interleaved pairs in words: `even` when the median is within 10% of 1;
     slower / faster only when every pair sits on one side of 1. Quartiles were not enough: with
     the 3-6 pairs a slow step gets, they called S4D's recurrent step 20% faster at 4096 than at
     128 (pairs 0.99-1.32), which no work in that step can explain."""
-    change = growth["ratio"] - 1.0
+    change = pairs["ratio"] - 1.0
     if abs(change) <= GROWTH_FLAT:
-        return f"flat (within {GROWTH_FLAT:.0%})"
-    if growth.get("max", growth["ratio"]) < 1.0:
+        return f"{even} (within {GROWTH_FLAT:.0%})"
+    if pairs.get("max", pairs["ratio"]) < 1.0:
         return f"slower by {-change:.0%}"
-    if growth.get("min", growth["ratio"]) > 1.0:
+    if pairs.get("min", pairs["ratio"]) > 1.0:
         return f"faster by {change:.0%}"
     return "not resolved (the pairs span 1)"
+
+
+def growth_verdict(growth: dict[str, Any]) -> str:
+    """A decode step's speed at a long context against the reference context's."""
+    return pairs_verdict(growth, "flat")
+
+
+def _rivals(rep: Report) -> None:
+    rows = []
+    for r in sorted(rep.col.bench(), key=lambda r: (rep.labels.rank(rep.labels.of(r)),
+                                                    str(r.get("mode")), r.get("batch") or 0,
+                                                    r.get("context") or 0)):
+        for name, pair in sorted((r.get("rivals") or {}).items()):
+            if pair.get("status") != "ok":
+                rows.append([f"**{rep.labels.of(r)}**", r.get("mode"), context(r.get("context")),
+                             r.get("batch"), name, pair.get("status"), "–", "–",
+                             str(pair.get("error") or "")[:80]])
+                continue
+            rows.append([f"**{rep.labels.of(r)}**", r.get("mode"), context(r.get("context")),
+                         r.get("batch"), name, f"{pair['ratio']:.2f}",
+                         f"{pair['q1']:.2f}–{pair['q3']:.2f}",
+                         f"{pair['min']:.2f}–{pair['max']:.2f} (n={pair['n']})",
+                         pairs_verdict(pair, "even")])
+    if not rows:
+        return
+    rep.lines += ["### Against other backbones (bench.rivals, interleaved in one process)", ""]
+    rep.lines += md_table(["backbone", "mode", "context", "batch", "rival",
+                           "our speed / rival's", "q1–q3", "min–max", "verdict"], rows)
+    rep.lines += ["Each row times the backbone and the rival (its conf/arch defaults, solved to "
+                  "the same size) with the same unit, call by call in alternation, in one "
+                  "process (the record's `rivals`); above 1 the backbone is faster. Verdict as "
+                  "for the context: even within 10%; faster / slower only when every pair "
+                  "says so.", ""]
 
 
 def _growth(rep: Report) -> None:
