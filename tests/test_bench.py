@@ -8,6 +8,7 @@ other and with hand counts.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -432,6 +433,10 @@ def test_rivals_time_another_backbone_of_the_same_size_in_alternation(tmp_path: 
         assert rival["params"]["active"] == pytest.approx(
             rec["params"]["active"], rel=2 * cfg.size.tolerance)  # both solved to size=micro
     assert records[2]["rivals"] is None
+    with open(tmp_path / "bench.csv", newline="") as fh:
+        ratios = [row["rival_ratios"] for row in csv.DictReader(fh)]
+    assert json.loads(ratios[1]) == {"mamba": records[1]["rivals"]["mamba"]["ratio"]}
+    assert ratios[2] == ""
     report, _ = build_report([tmp_path], tmp_path / "report")
     # rows are sorted by mode: decode, then train
     rows = [line for line in report.read_text().splitlines()

@@ -146,3 +146,26 @@ def test_compiled_training_keeps_the_operator_without_breaks_and_matches_eager()
     grads = dict(model.named_parameters())
     for name, param in compiled.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=0.0, atol=1e-6)
+
+
+def test_frozen_graphs_leave_the_projections_to_inductor() -> None:
+    """Traced for a frozen decode step (inductor's `freezing` flag, no grad), a product above
+    MIN_MACS is F.linear, which inductor autotunes on a prepacked weight; traced without the flag
+    (compiled prefill, training) and run eagerly it stays on the oneDNN operator."""
+    weight = torch.randn(1024, 256)
+    x = torch.randn(8, 256)
+    assert x.numel() * weight.shape[0] >= MIN_MACS
+
+    def product(inputs: torch.Tensor) -> torch.Tensor:
+        return linear(inputs, weight, None, "onednn")
+
+    codes = {}
+    for frozen in (False, True):
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(freezing=frozen):
+            explained = torch._dynamo.explain(product)(x)
+        codes[frozen] = explained.graphs[0].code
+    torch._dynamo.reset()
+    assert "onednn_linear" in codes[False] and "onednn_linear" not in codes[True]
+    assert "linear" in codes[True]
+    assert not linear_kernels.tracing_frozen_weights()  # eagerly, outside the flag

@@ -102,13 +102,24 @@ def _grads(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 onednn_linear.register_autograd(_grads, setup_context=_keep)
 
 
+@torch._dynamo.assume_constant_result
+def tracing_frozen_weights() -> bool:
+    """Whether a graph with frozen weights is being traced (archs/compiling.py: the compiled
+    decode step on CPU). Its projections are left to inductor, which times its C++ GEMM on a
+    prepacked weight against aten's; our oneDNN operator is opaque to it and repacks the weight
+    at every call (RWKV-7's batch-8 channel mix: 140-180 us a product). Read once at trace time
+    (assume_constant_result): no guard, so the graph is not recompiled when the flag drops."""
+    return bool(torch._inductor.config.freezing) and not torch.is_grad_enabled()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, path: str
            ) -> torch.Tensor:
     """F.linear through `path`; oneDNN only for fp32 products of at least MIN_MACS outside
-    autocast (the rule is on shapes and dtypes, so a compiled graph fixes it once)."""
+    autocast and outside frozen graphs (the rule is on shapes, dtypes and the trace, so a
+    compiled graph fixes it once)."""
     if (path == "onednn" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.numel() * weight.shape[0] >= MIN_MACS
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and not tracing_frozen_weights()):
         return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

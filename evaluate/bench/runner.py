@@ -152,7 +152,7 @@ CSV_COLUMNS = (
     "state_bytes_analytic", "weight_bytes", "first_call_s", "cuda_graphs", "params_total",
     "params_active_non_embedding", "kernel_paths", "peer_name", "peer_tokens_per_s",
     "peer_ratio", "peer_ratio_basis", "probe", "error", "notes", "compiled", "compile_s",
-    "graph_breaks", "profile_bound", "growth_reference", "growth_ratio",
+    "graph_breaks", "profile_bound", "growth_reference", "growth_ratio", "rival_ratios",
 )
 
 
@@ -498,6 +498,9 @@ def _progress(rec: dict[str, Any]) -> None:
     speed = f"{rec['tokens_per_s']:.0f} tok/s" if rec.get("tokens_per_s") else ""
     peer = rec.get("peer") or {}
     ratio = f" ratio vs {peer['name']}: {peer['ratio']:.2f}" if peer.get("ratio") else ""
+    ratio += "".join(f", vs {name}: {pair['ratio']:.2f}" if pair.get("ratio") else
+                     f", vs {name}: {pair.get('status')}"
+                     for name, pair in (rec.get("rivals") or {}).items())
     compiled = f" compiled (+{rec['compile_s']:.1f}s)" if rec.get("compiled") and rec.get(
         "compile_s") is not None else ""
     print(f"[bench] {rec['arch']}/{rec['size']} {rec['mode']:<11} ctx={rec['context']} "
@@ -525,6 +528,8 @@ def csv_row(rec: dict[str, Any]) -> dict[str, Any]:
         profile_bound=(rec.get("profile") or {}).get("bound"),
         growth_reference=(rec.get("growth") or {}).get("reference_context"),
         growth_ratio=(rec.get("growth") or {}).get("ratio"),
+        rival_ratios=json.dumps({name: pair.get("ratio") for name, pair in rec["rivals"].items()},
+                                sort_keys=True) if rec.get("rivals") else None,
         notes=" | ".join(n.splitlines()[0] for n in rec.get("notes") or [] if n),
     )
     return row
