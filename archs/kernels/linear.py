@@ -16,7 +16,9 @@ the small sizes (e.g. batch 8 x 256 x 768 measured 51 us on aten, 46 on oneDNN; 
 The path is a model setting, `arch.matmul` = auto | aten | onednn, resolved with the device by
 `archs.model.resolve_kernels` and named in every record's kernel paths: auto takes oneDNN on a
 CPU that has it and aten elsewhere (CUDA's GEMMs are cuBLAS's either way). Only fp32 products
-outside autocast take oneDNN; under a bf16 / fp16 autocast the projections are aten's.
+outside autocast take oneDNN; under a bf16 / fp16 autocast the projections are aten's, and so
+are they in a graph traced with frozen weights (the compiled CPU decode step,
+archs/compiling.py), where inductor picks each GEMM itself.
 """
 
 from __future__ import annotations
