@@ -15,16 +15,17 @@ Modes: "reduce-overhead" on CUDA (CUDA graphs: the decode step is replayed, not 
 op), inductor's "default" elsewhere ("reduce-overhead" has no effect on CPU).
 
 Decoding on CPU is compiled with frozen weights and autotuned GEMMs (`AUTOTUNED_GEMMS`):
-inductor folds every computation of the weights alone into constants (Mamba's -exp(A_log), S4D's
-discretisation, norm scales) and picks each projection's GEMM by timing its C++ GEMM template,
-packed for the frozen weight, against aten's at compile time. A decode step multiplies a handful
-of rows by each weight, where MKL's GEMM is slow on the AMD EPYC this project is measured on: a
-tiny Transformer's batch-8 step reads its weights at ~14 GB/s from a cache that serves 86.
-Measured in one process, alternating, tiny models: the Transformer step 1.27x faster at batch 8
-and 1.9x at batch 1, Mamba-1 1.5x / 3.1x, Mamba-2 1.2x at batch 8; the autotuning about doubles
-compile time. Frozen weights are constants of the graph: `LanguageModel.compile_decoding` records
-the weights it froze and compiles again when a cache is first decoded after they changed. CUDA
-decoding is not frozen (untested there: this project's CI has no GPU).
+inductor folds every computation of the weights alone into constants (Mamba's -exp(A_log) is a
+constant in inductor's output code) and picks each projection's GEMM by timing its C++ GEMM
+template, packed for the frozen weight, against aten's at compile time. A decode step
+multiplies a handful of rows by each weight, where MKL's GEMM is slow on the AMD EPYC this
+project is measured on: a tiny Transformer's batch-8 step reads its weights at ~14 GB/s from a
+cache that serves 86. Measured in one process, alternating, tiny models: the Transformer step
+1.27x faster at batch 8 and 1.9x at batch 1, Mamba-1 1.5x / 3.1x, Mamba-2 1.2x at batch 8; the
+autotuning about doubles compile time. Frozen weights are constants of the graph:
+`LanguageModel.compile_decoding` records the weights it froze and compiles again when a cache
+is first decoded after they changed. CUDA decoding is not frozen (untested there: this
+project's CI has no GPU).
 """
 
 from __future__ import annotations
