@@ -386,33 +386,43 @@ def _under(make_context: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[
     return run
 
 
-def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
-               ) -> dict[str, Any]:
-    """Ours and the peer in one process, timed call by call in alternation (ABBA order), so
-    that a drift in the machine's load hits both alike; per pair, ratio = t_peer / t_ours (our
-    speed over theirs, same tokens). The peer runs eager; ours as the task says (compiled with
-    bench.compile, first call and compilation untimed)."""
+def _alternated(task: dict[str, Any], device: torch.device, ours: Any, other_unit: tuple[
+        Callable[[], Any] | None, Callable[[], Any]], other_mode: Callable[[], Any],
+                other_name: str) -> dict[str, Any]:
+    """Our model's timed unit and `other_unit` (setup, step; run under `other_mode` outside
+    training) timed call by call in alternation (ABBA order), so that a drift in the machine's
+    load hits both alike; per pair, ratio = t_other / t_ours (our speed over theirs, same
+    tokens). Returns the record's `paired` field."""
     from archbench.evaluate.bench.measure import time_pair
 
-    mode = task["mode"]
-    kwargs = _pair_timing(task)
     ours_setup, ours_step = _ours_timed_unit(ours, task, device)
-    if mode == "train":
-        peer_step = _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device)
-        mine, theirs = time_pair(ours_step, peer_step, device, **kwargs)
+    other_setup, other_step = other_unit
+    if task["mode"] == "train":
+        mine, theirs = time_pair(ours_step, other_step, device, **_pair_timing(task))
     else:
-        with torch.inference_mode():
-            peer_setup, peer_step = _peer_unit(peer, task, device)
         ours_mode = functools.partial(inference_context, task)
         mine, theirs = time_pair(
-            _under(ours_mode, ours_step), _under(torch.inference_mode, peer_step), device,
+            _under(ours_mode, ours_step), _under(other_mode, other_step), device,
             setup_a=_under(ours_mode, ours_setup),
-            setup_b=_under(torch.inference_mode, peer_setup) if peer_setup else None, **kwargs)
-    ratios = [tp / to for to, tp in zip(mine.times, theirs.times, strict=True)]
+            setup_b=_under(other_mode, other_setup) if other_setup else None,
+            **_pair_timing(task))
+    ratios = [t_other / t_ours for t_ours, t_other in zip(mine.times, theirs.times, strict=True)]
     tokens = _units_tokens(task)
-    return {"paired": {**_ratio_summary(ratios),
-                       "ours_tokens_per_s": tokens / mine.median,
-                       "peer_tokens_per_s": tokens / theirs.median}}
+    return {"paired": {**_ratio_summary(ratios), "ours_tokens_per_s": tokens / mine.median,
+                       f"{other_name}_tokens_per_s": tokens / theirs.median}}
+
+
+def paired_run(peer: Any, ours: Any, task: dict[str, Any], device: torch.device
+               ) -> dict[str, Any]:
+    """Ours and the peer in one process, in alternation (`_alternated`). The peer runs eager
+    under inference_mode; ours as the task says (compiled with bench.compile, first call and
+    compilation untimed)."""
+    if task["mode"] == "train":
+        unit = (None, _train_step(task, peer.module, lambda x, ctx: peer.logits(x), device))
+    else:
+        with torch.inference_mode():
+            unit = _peer_unit(peer, task, device)
+    return _alternated(task, device, ours, unit, torch.inference_mode, "peer")
 
 
 def _ours_timed_unit(model: Any, task: dict[str, Any], device: torch.device
@@ -432,26 +442,12 @@ def _ours_timed_unit(model: Any, task: dict[str, Any], device: torch.device
 
 def rival_run(ours: Any, rival: Any, task: dict[str, Any], device: torch.device
               ) -> dict[str, Any]:
-    """This backbone against another of ours (bench.rivals) at the same size, the same unit
-    timed call by call in alternation in one process; per pair, ratio = t_rival / t_ours (our
-    speed over the rival's, same tokens). Separate records of two backbones carry the machine's
-    drift between them (up to 3x between sessions on a shared VM); adjacent pairs cancel it."""
-    from archbench.evaluate.bench.measure import time_pair
-
-    ours_setup, ours_step = _ours_timed_unit(ours, task, device)
-    rival_setup, rival_step = _ours_timed_unit(rival, task, device)
-    if task["mode"] == "train":
-        mine, theirs = time_pair(ours_step, rival_step, device, **_pair_timing(task))
-    else:
-        context = functools.partial(inference_context, task)
-        mine, theirs = time_pair(
-            _under(context, ours_step), _under(context, rival_step), device,
-            setup_a=_under(context, ours_setup), setup_b=_under(context, rival_setup),
-            **_pair_timing(task))
-    ratios = [tr / to for to, tr in zip(mine.times, theirs.times, strict=True)]
-    tokens = _units_tokens(task)
-    return {"paired": {**_ratio_summary(ratios), "ours_tokens_per_s": tokens / mine.median,
-                       "rival_tokens_per_s": tokens / theirs.median}}
+    """This backbone against another of ours (bench.rivals) at the same size, the same unit in
+    alternation in one process (`_alternated`). Separate records of two backbones carry the
+    machine's drift between them (up to 3x between sessions on a shared VM); adjacent pairs
+    cancel it."""
+    return _alternated(task, device, ours, _ours_timed_unit(rival, task, device),
+                       functools.partial(inference_context, task), "rival")
 
 
 # ---- one measurement --------------------------------------------------------------------------
